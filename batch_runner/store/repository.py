@@ -1,0 +1,946 @@
+"""The job repository: one named method per state change, each a guarded compare-and-set.
+
+Nothing outside this module writes SQL. Every job transition is checked against
+``batch_runner.states.TRANSITIONS`` inside the same transaction that applies it, and is
+appended to ``job_events`` so a run can be audited afterwards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Select, and_, column, func, insert, or_, select, table, update
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from batch_runner import clock
+from batch_runner.errors import TransitionRejected
+from batch_runner.states import ATTEMPT_OPEN, IN_FLIGHT, TERMINAL, AttemptState, JobState
+from batch_runner.store import engine as engine_mod
+from batch_runner.store.models import attempts, endpoints, job_events, jobs, runs, uploads
+from batch_runner.store.records import (
+    AttemptRecord,
+    EndpointRecord,
+    IngestReport,
+    JobRecord,
+    NewJob,
+    RunRecord,
+)
+
+INGEST_BATCH = 2000
+# Keys seen by the ingest in progress (a per-connection temp table) to find removed rows.
+_INGEST_KEYS: Select[tuple[Any]] = select(column("key")).select_from(table("ingest_keys"))
+
+
+def _now() -> float:
+    return clock.now().timestamp()
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), sort_keys=True)
+
+
+@dataclass(frozen=True)
+class Failure:
+    key: str
+    line: int
+    state: JobState
+    error_kind: str | None
+    error: str | None
+    attempts: int
+
+
+class Store:
+    """A run database. Open it with ``async with Store.open(path) as store``."""
+
+    def __init__(self, engine: AsyncEngine, path: Path) -> None:
+        self._engine = engine
+        self.path = path
+        # One connection, one transaction at a time: the lock queues concurrent callers.
+        self._lock = asyncio.Lock()
+
+    @classmethod
+    @asynccontextmanager
+    async def open(cls, path: Path, *, exclusive: bool = True) -> AsyncIterator[Store]:
+        """Open (creating and migrating as needed) the database at ``path``.
+
+        ``exclusive`` takes the single-runner lock; read-only commands such as ``status`` and
+        ``export`` open without it.
+        """
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if exclusive:
+            with engine_mod.runner_lock(path):
+                async with cls._opened(path) as store:
+                    yield store
+        else:
+            async with cls._opened(path) as store:
+                yield store
+
+    @classmethod
+    @asynccontextmanager
+    async def _opened(cls, path: Path) -> AsyncIterator[Store]:
+        engine = engine_mod.create_engine(path)
+        try:
+            await engine_mod.migrate(engine)
+            yield cls(engine, path)
+        finally:
+            await engine.dispose()
+
+    @asynccontextmanager
+    async def _tx(self) -> AsyncIterator[AsyncConnection]:
+        async with self._lock, self._engine.begin() as conn:
+            yield conn
+
+    # ---------------------------------------------------------------- runs and endpoints
+
+    async def ensure_run(self, key: str, manifest: str) -> RunRecord:
+        now = _now()
+        async with self._tx() as conn:
+            row = (await conn.execute(select(runs).where(runs.c.key == key))).first()
+            if row is None:
+                await conn.execute(
+                    insert(runs).values(key=key, manifest=manifest, created_at=now, updated_at=now)
+                )
+                row = (await conn.execute(select(runs).where(runs.c.key == key))).one()
+            return RunRecord(
+                row.id, row.key, row.manifest, row.manifest_stamp, row.workflow_fingerprint
+            )
+
+    async def only_run(self) -> RunRecord | None:
+        """The run of a database made by ``run`` (one run per database)."""
+        async with self._tx() as conn:
+            rows = (await conn.execute(select(runs).order_by(runs.c.id))).all()
+        if not rows:
+            return None
+        row = rows[-1]
+        return RunRecord(
+            row.id, row.key, row.manifest, row.manifest_stamp, row.workflow_fingerprint
+        )
+
+    async def set_run_stamps(
+        self, run_id: int, *, manifest_stamp: str | None, workflow_fingerprint: str | None
+    ) -> None:
+        async with self._tx() as conn:
+            await conn.execute(
+                update(runs)
+                .where(runs.c.id == run_id)
+                .values(
+                    manifest_stamp=manifest_stamp,
+                    workflow_fingerprint=workflow_fingerprint,
+                    updated_at=_now(),
+                )
+            )
+
+    async def ensure_endpoint(self, run_id: int, url: str) -> EndpointRecord:
+        async with self._tx() as conn:
+            where = and_(endpoints.c.run_id == run_id, endpoints.c.url == url)
+            row = (await conn.execute(select(endpoints).where(where))).first()
+            if row is None:
+                await conn.execute(
+                    insert(endpoints).values(run_id=run_id, url=url, client_id=uuid.uuid4().hex)
+                )
+                row = (await conn.execute(select(endpoints).where(where))).one()
+            return EndpointRecord(row.id, row.url, row.client_id)
+
+    async def endpoints_of(self, run_id: int) -> list[EndpointRecord]:
+        async with self._tx() as conn:
+            rows = await conn.execute(select(endpoints).where(endpoints.c.run_id == run_id))
+            return [EndpointRecord(r.id, r.url, r.client_id) for r in rows]
+
+    # ---------------------------------------------------------------- ingest
+
+    async def ingest(
+        self, run_id: int, rows: Iterable[NewJob], *, rerun_changed: bool = False
+    ) -> IngestReport:
+        """Take in manifest rows in batches; report new, changed and removed rows.
+
+        A row whose content changed is updated in place while it has never been attempted.
+        Once it has run, its old result stands and the change is reported, unless
+        ``rerun_changed`` sends it back to pending with the new content.
+        """
+        added = unchanged = updated = restored = 0
+        changed: list[str] = []
+        async with self._lock, self._engine.connect() as conn:
+            await conn.exec_driver_sql(
+                "CREATE TEMP TABLE IF NOT EXISTS ingest_keys (key TEXT PRIMARY KEY)"
+            )
+            await conn.exec_driver_sql("DELETE FROM ingest_keys")
+            await conn.commit()
+            batch: list[NewJob] = []
+
+            async def flush() -> None:
+                nonlocal added, unchanged, updated, restored
+                async with conn.begin():
+                    a, u, up, r, ch = await self._ingest_batch(conn, run_id, batch, rerun_changed)
+                added, unchanged, updated, restored = (
+                    added + a,
+                    unchanged + u,
+                    updated + up,
+                    restored + r,
+                )
+                changed.extend(ch)
+                batch.clear()
+
+            for row in rows:
+                batch.append(row)
+                if len(batch) >= INGEST_BATCH:
+                    await flush()
+                    await asyncio.sleep(0)
+            if batch:
+                await flush()
+            async with conn.begin():
+                removed_rows = await conn.execute(
+                    update(jobs)
+                    .where(
+                        jobs.c.run_id == run_id,
+                        jobs.c.in_manifest.is_(True),
+                        jobs.c.key.not_in(_INGEST_KEYS),
+                    )
+                    .values(in_manifest=False, updated_at=_now())
+                    .returning(jobs.c.key)
+                )
+                removed = tuple(sorted(r.key for r in removed_rows))
+                await conn.exec_driver_sql("DELETE FROM ingest_keys")
+        return IngestReport(
+            added=added,
+            unchanged=unchanged,
+            updated=updated,
+            changed=tuple(changed),
+            removed=removed,
+            restored=restored,
+        )
+
+    async def _ingest_batch(
+        self, conn: AsyncConnection, run_id: int, batch: Sequence[NewJob], rerun_changed: bool
+    ) -> tuple[int, int, int, int, list[str]]:
+        now = _now()
+        keys = [j.key for j in batch]
+        await conn.exec_driver_sql(
+            "INSERT OR IGNORE INTO ingest_keys (key) VALUES (?)", [(k,) for k in keys]
+        )
+        existing = {
+            r.key: r
+            for r in await conn.execute(
+                select(
+                    jobs.c.id,
+                    jobs.c.key,
+                    jobs.c.content_hash,
+                    jobs.c.state,
+                    jobs.c.attempts,
+                    jobs.c.in_manifest,
+                    jobs.c.changed_hash,
+                ).where(jobs.c.run_id == run_id, jobs.c.key.in_(keys))
+            )
+        }
+        new_rows: list[dict[str, Any]] = []
+        unchanged = updated = restored = 0
+        changed: list[str] = []
+        for job in batch:
+            old = existing.get(job.key)
+            if old is None:
+                new_rows.append(
+                    {
+                        "run_id": run_id,
+                        "key": job.key,
+                        "line": job.line,
+                        "spec": _dumps(job.spec),
+                        "content_hash": job.content_hash,
+                        "in_manifest": True,
+                        "state": job.state.value,
+                        "attempts": 0,
+                        "last_error": job.error,
+                        "error_kind": "invalid" if job.state is JobState.SKIPPED else None,
+                        "created_at": now,
+                        "updated_at": now,
+                    }
+                )
+                continue
+            if not old.in_manifest:
+                restored += 1
+                await conn.execute(
+                    update(jobs).where(jobs.c.id == old.id).values(in_manifest=True, updated_at=now)
+                )
+            if old.content_hash == job.content_hash:
+                unchanged += 1
+                if old.changed_hash is not None:
+                    await conn.execute(
+                        update(jobs).where(jobs.c.id == old.id).values(changed_hash=None)
+                    )
+                continue
+            never_ran = old.attempts == 0 and JobState(old.state) in (
+                JobState.PENDING,
+                JobState.SKIPPED,
+            )
+            if never_ran or (rerun_changed and JobState(old.state) in TERMINAL):
+                updated += 1
+                await self._reset_to_spec(conn, old.id, JobState(old.state), job, now)
+            else:
+                changed.append(job.key)
+                await conn.execute(
+                    update(jobs)
+                    .where(jobs.c.id == old.id)
+                    .values(changed_hash=job.content_hash, line=job.line)
+                )
+        if new_rows:
+            await conn.execute(insert(jobs), new_rows)
+        return len(new_rows), unchanged, updated, restored, changed
+
+    async def _reset_to_spec(
+        self, conn: AsyncConnection, job_id: int, old_state: JobState, job: NewJob, now: float
+    ) -> None:
+        await conn.execute(
+            update(jobs)
+            .where(jobs.c.id == job_id)
+            .values(
+                spec=_dumps(job.spec),
+                content_hash=job.content_hash,
+                changed_hash=None,
+                line=job.line,
+                state=job.state.value,
+                attempts=0,
+                next_eligible_at=None,
+                avoid_endpoint_id=None,
+                last_error=job.error,
+                error_kind=None,
+                resolved=None,
+                output_path=None,
+                output_sha256=None,
+                output_size=None,
+                started_at=None,
+                finished_at=None,
+                updated_at=now,
+            )
+        )
+        if old_state is not job.state:
+            await self._log(conn, job_id, old_state, job.state, None, "manifest row changed")
+
+    # ---------------------------------------------------------------- guarded transitions
+
+    async def _log(
+        self,
+        conn: AsyncConnection,
+        job_id: int,
+        from_state: JobState | None,
+        to_state: JobState,
+        attempt_id: int | None,
+        detail: str | None,
+    ) -> None:
+        await conn.execute(
+            insert(job_events).values(
+                job_id=job_id,
+                at=_now(),
+                from_state=from_state,
+                to_state=to_state,
+                attempt_id=attempt_id,
+                detail=detail,
+            )
+        )
+
+    async def _move(
+        self,
+        conn: AsyncConnection,
+        job_id: int,
+        to: JobState,
+        *,
+        allowed: Iterable[JobState],
+        attempt_id: int | None = None,
+        detail: str | None = None,
+        **values: Any,
+    ) -> JobState:
+        allowed_set = {s.value for s in allowed}
+        row = (await conn.execute(select(jobs.c.state).where(jobs.c.id == job_id))).first()
+        if row is None or row.state not in allowed_set:
+            current = row.state if row else "missing"
+            raise TransitionRejected(f"job {job_id}: cannot move from {current} to {to.value}")
+        await conn.execute(
+            update(jobs)
+            .where(jobs.c.id == job_id, jobs.c.state == row.state)
+            .values(state=to.value, updated_at=_now(), **values)
+        )
+        from_state = JobState(row.state)
+        await self._log(conn, job_id, from_state, to, attempt_id, detail)
+        return from_state
+
+    async def _set_attempt(
+        self,
+        conn: AsyncConnection,
+        attempt_id: int,
+        to: AttemptState,
+        *,
+        allowed: Iterable[AttemptState],
+        **values: Any,
+    ) -> bool:
+        result = await conn.execute(
+            update(attempts)
+            .where(attempts.c.id == attempt_id, attempts.c.state.in_([s.value for s in allowed]))
+            .values(state=to.value, **values)
+            .returning(attempts.c.id)
+        )
+        return result.first() is not None
+
+    async def claim(self, run_id: int, endpoint_id: int, limit: int = 1) -> list[JobRecord]:
+        """Take up to ``limit`` claimable jobs for one endpoint (pending or due for retry).
+
+        Jobs that last failed on this endpoint are taken only when nothing else is left, so a
+        retry lands elsewhere when it can.
+        """
+        now = _now()
+        async with self._tx() as conn:
+            due = and_(
+                jobs.c.run_id == run_id,
+                jobs.c.in_manifest.is_(True),
+                jobs.c.state == JobState.RETRY_WAIT.value,
+                jobs.c.next_eligible_at <= now,
+            )
+            not_avoided = or_(
+                jobs.c.avoid_endpoint_id.is_(None), jobs.c.avoid_endpoint_id != endpoint_id
+            )
+            ids: list[int] = list(
+                (
+                    await conn.execute(
+                        select(jobs.c.id)
+                        .where(due, not_avoided)
+                        .order_by(jobs.c.next_eligible_at)
+                        .limit(limit)
+                    )
+                ).scalars()
+            )
+            if len(ids) < limit:
+                ids += (
+                    (
+                        await conn.execute(
+                            select(jobs.c.id)
+                            .where(
+                                jobs.c.run_id == run_id,
+                                jobs.c.state == JobState.PENDING.value,
+                                jobs.c.in_manifest.is_(True),
+                            )
+                            .order_by(jobs.c.id)
+                            .limit(limit - len(ids))
+                        )
+                    )
+                    .scalars()
+                    .all()
+                )
+            if len(ids) < limit:
+                ids += (
+                    (
+                        await conn.execute(
+                            select(jobs.c.id)
+                            .where(due, ~not_avoided)
+                            .order_by(jobs.c.next_eligible_at)
+                            .limit(limit - len(ids))
+                        )
+                    )
+                    .scalars()
+                    .all()
+                )
+            claimed = []
+            for job_id in ids:
+                await self._move(
+                    conn,
+                    job_id,
+                    JobState.PREPARING,
+                    allowed=(JobState.PENDING, JobState.RETRY_WAIT),
+                    detail=f"endpoint {endpoint_id}",
+                    started_at=func.coalesce(jobs.c.started_at, now),
+                )
+                row = (await conn.execute(select(jobs).where(jobs.c.id == job_id))).one()
+                claimed.append(JobRecord.from_row(row))
+            return claimed
+
+    async def has_claimable(self, run_id: int) -> tuple[bool, float | None]:
+        """Whether any job can still be claimed now, and when the next retry becomes due."""
+        now = _now()
+        async with self._tx() as conn:
+            pending = (
+                await conn.execute(
+                    select(jobs.c.id)
+                    .where(
+                        jobs.c.run_id == run_id,
+                        jobs.c.state == JobState.PENDING.value,
+                        jobs.c.in_manifest.is_(True),
+                    )
+                    .limit(1)
+                )
+            ).first()
+            next_due = (
+                await conn.execute(
+                    select(func.min(jobs.c.next_eligible_at)).where(
+                        jobs.c.run_id == run_id,
+                        jobs.c.state == JobState.RETRY_WAIT.value,
+                        jobs.c.in_manifest.is_(True),
+                    )
+                )
+            ).scalar()
+        if pending is not None:
+            return True, None
+        if next_due is not None:
+            return next_due <= now, next_due
+        return False, None
+
+    async def release(self, job_id: int, reason: str) -> None:
+        """Give a claimed job back untouched (the run is stopping before it was submitted)."""
+        async with self._tx() as conn:
+            await self._move(
+                conn, job_id, JobState.PENDING, allowed=(JobState.PREPARING,), detail=reason
+            )
+
+    async def release_all_preparing(self, run_id: int) -> int:
+        """After a crash, jobs caught while preparing go back to pending (nothing was sent)."""
+        async with self._tx() as conn:
+            ids = (
+                (
+                    await conn.execute(
+                        select(jobs.c.id).where(
+                            jobs.c.run_id == run_id, jobs.c.state == JobState.PREPARING.value
+                        )
+                    )
+                )
+                .scalars()
+                .all()
+            )
+            for job_id in ids:
+                await self._move(
+                    conn,
+                    job_id,
+                    JobState.PENDING,
+                    allowed=(JobState.PREPARING,),
+                    detail="resumed: was preparing when the runner stopped",
+                )
+            return len(ids)
+
+    async def record_resolved(self, job_id: int, resolved: Mapping[str, Any]) -> None:
+        async with self._tx() as conn:
+            await conn.execute(
+                update(jobs).where(jobs.c.id == job_id).values(resolved=_dumps(dict(resolved)))
+            )
+
+    async def begin_attempt(
+        self,
+        job_id: int,
+        endpoint_id: int,
+        graph: Mapping[str, Any],
+        resolved: Mapping[str, Any],
+    ) -> AttemptRecord:
+        """Write-ahead: commit the attempt and its prompt_id before anything is sent."""
+        now = _now()
+        prompt_id = str(uuid.uuid4())
+        async with self._tx() as conn:
+            number = (
+                await conn.execute(select(jobs.c.attempts).where(jobs.c.id == job_id))
+            ).scalar_one() + 1
+            result = await conn.execute(
+                insert(attempts)
+                .values(
+                    job_id=job_id,
+                    number=number,
+                    endpoint_id=endpoint_id,
+                    prompt_id=prompt_id,
+                    state=AttemptState.INTENT.value,
+                    graph=_dumps(dict(graph)),
+                    created_at=now,
+                )
+                .returning(attempts)
+            )
+            attempt = AttemptRecord.from_row(result.one())
+            await self._move(
+                conn,
+                job_id,
+                JobState.SUBMITTED,
+                allowed=(JobState.PREPARING,),
+                attempt_id=attempt.id,
+                detail=f"prompt {prompt_id}",
+                attempts=number,
+                resolved=_dumps(dict(resolved)),
+                last_error=None,
+                error_kind=None,
+            )
+            return attempt
+
+    async def attempt_queued(self, attempt_id: int) -> None:
+        async with self._tx() as conn:
+            await self._set_attempt(
+                conn,
+                attempt_id,
+                AttemptState.QUEUED,
+                allowed=(AttemptState.INTENT,),
+                submitted_at=_now(),
+            )
+
+    async def attempt_running(self, job_id: int, attempt_id: int) -> bool:
+        """The server started the prompt. Repeats and late arrivals are no-ops (False)."""
+        async with self._tx() as conn:
+            moved = await self._set_attempt(
+                conn,
+                attempt_id,
+                AttemptState.RUNNING,
+                allowed=(AttemptState.INTENT, AttemptState.QUEUED),
+                started_at=_now(),
+            )
+            if not moved:
+                return False
+            state = (await conn.execute(select(jobs.c.state).where(jobs.c.id == job_id))).scalar()
+            if state == JobState.SUBMITTED.value:
+                await self._move(
+                    conn,
+                    job_id,
+                    JobState.RUNNING,
+                    allowed=(JobState.SUBMITTED,),
+                    attempt_id=attempt_id,
+                )
+            return True
+
+    async def attempt_completed(
+        self, job_id: int, attempt_id: int, outputs: Sequence[Mapping[str, Any]]
+    ) -> bool:
+        """The server finished the prompt successfully; the job moves on to fetching."""
+        async with self._tx() as conn:
+            moved = await self._set_attempt(
+                conn,
+                attempt_id,
+                AttemptState.COMPLETED,
+                allowed=(AttemptState.INTENT, AttemptState.QUEUED, AttemptState.RUNNING),
+                finished_at=_now(),
+                outputs=_dumps([dict(o) for o in outputs]),
+            )
+            if not moved:
+                return False
+            await self._move(
+                conn,
+                job_id,
+                JobState.FETCHING,
+                allowed=(JobState.SUBMITTED, JobState.RUNNING),
+                attempt_id=attempt_id,
+            )
+            return True
+
+    async def job_succeeded(
+        self, job_id: int, attempt_id: int, *, path: str, sha256: str, size: int
+    ) -> None:
+        async with self._tx() as conn:
+            await self._set_attempt(
+                conn, attempt_id, AttemptState.SUCCEEDED, allowed=(AttemptState.COMPLETED,)
+            )
+            await self._move(
+                conn,
+                job_id,
+                JobState.SUCCEEDED,
+                allowed=(JobState.FETCHING,),
+                attempt_id=attempt_id,
+                output_path=path,
+                output_sha256=sha256,
+                output_size=size,
+                finished_at=_now(),
+                next_eligible_at=None,
+            )
+
+    async def attempt_failed(
+        self,
+        job_id: int,
+        attempt_id: int,
+        *,
+        error: str,
+        kind: str,
+        retry_at: float | None,
+        attempt_state: AttemptState = AttemptState.FAILED,
+        endpoint_id: int | None = None,
+    ) -> JobState:
+        """End an attempt with an error: the job waits for a retry (``retry_at``) or fails."""
+        async with self._tx() as conn:
+            await self._set_attempt(
+                conn,
+                attempt_id,
+                attempt_state,
+                allowed=ATTEMPT_OPEN,
+                error=error,
+                error_kind=kind,
+                finished_at=_now(),
+            )
+            return await self._fail(
+                conn, job_id, IN_FLIGHT, error, kind, retry_at, endpoint_id, attempt_id
+            )
+
+    async def preparation_failed(
+        self,
+        job_id: int,
+        *,
+        error: str,
+        kind: str,
+        retry_at: float | None,
+        endpoint_id: int | None = None,
+    ) -> JobState:
+        """A claimed job could not be prepared (upload, render); nothing reached the GPU."""
+        async with self._tx() as conn:
+            return await self._fail(
+                conn, job_id, (JobState.PREPARING,), error, kind, retry_at, endpoint_id, None
+            )
+
+    async def _fail(
+        self,
+        conn: AsyncConnection,
+        job_id: int,
+        allowed: Iterable[JobState],
+        error: str,
+        kind: str,
+        retry_at: float | None,
+        endpoint_id: int | None,
+        attempt_id: int | None,
+    ) -> JobState:
+        target = JobState.RETRY_WAIT if retry_at is not None else JobState.FAILED
+        await self._move(
+            conn,
+            job_id,
+            target,
+            allowed=allowed,
+            attempt_id=attempt_id,
+            detail=error,
+            last_error=error,
+            error_kind=kind,
+            next_eligible_at=retry_at,
+            avoid_endpoint_id=endpoint_id,
+            finished_at=_now() if target is JobState.FAILED else None,
+        )
+        return target
+
+    async def attempt_abandoned(self, attempt_id: int, reason: str) -> None:
+        async with self._tx() as conn:
+            await self._set_attempt(
+                conn,
+                attempt_id,
+                AttemptState.ABANDONED,
+                allowed=ATTEMPT_OPEN,
+                error=reason,
+                error_kind="abandoned",
+                finished_at=_now(),
+            )
+
+    async def requeue_missing_output(self, job_id: int, reason: str) -> None:
+        """A succeeded job's file is gone or differs from its checksum: run it again."""
+        async with self._tx() as conn:
+            await self._move(
+                conn,
+                job_id,
+                JobState.PENDING,
+                allowed=(JobState.SUCCEEDED,),
+                detail=reason,
+                attempts=0,
+                output_path=None,
+                output_sha256=None,
+                output_size=None,
+                finished_at=None,
+                last_error=reason,
+                error_kind="output_missing",
+            )
+
+    async def retry_failed(self, run_id: int) -> int:
+        """Send every failed job back to pending with a fresh attempt budget."""
+        async with self._tx() as conn:
+            ids = (
+                (
+                    await conn.execute(
+                        select(jobs.c.id).where(
+                            jobs.c.run_id == run_id, jobs.c.state == JobState.FAILED.value
+                        )
+                    )
+                )
+                .scalars()
+                .all()
+            )
+            for job_id in ids:
+                await self._move(
+                    conn,
+                    job_id,
+                    JobState.PENDING,
+                    allowed=(JobState.FAILED,),
+                    detail="retry requested",
+                    attempts=0,
+                    next_eligible_at=None,
+                    avoid_endpoint_id=None,
+                    finished_at=None,
+                )
+            return len(ids)
+
+    # ---------------------------------------------------------------- uploads
+
+    async def upload_name(self, endpoint_id: int, sha256: str) -> str | None:
+        async with self._tx() as conn:
+            return (
+                await conn.execute(
+                    select(uploads.c.name).where(
+                        uploads.c.endpoint_id == endpoint_id, uploads.c.sha256 == sha256
+                    )
+                )
+            ).scalar()
+
+    async def record_upload(self, endpoint_id: int, sha256: str, name: str) -> None:
+        async with self._tx() as conn:
+            await conn.execute(
+                insert(uploads)
+                .values(endpoint_id=endpoint_id, sha256=sha256, name=name)
+                .prefix_with("OR REPLACE")
+            )
+
+    async def forget_uploads(self, endpoint_id: int) -> None:
+        """The endpoint lost its input files (or we cannot trust them): upload again."""
+        async with self._tx() as conn:
+            await conn.execute(uploads.delete().where(uploads.c.endpoint_id == endpoint_id))
+
+    # ---------------------------------------------------------------- reads
+
+    async def job(self, job_id: int) -> JobRecord:
+        async with self._tx() as conn:
+            return JobRecord.from_row(
+                (await conn.execute(select(jobs).where(jobs.c.id == job_id))).one()
+            )
+
+    async def in_flight(self, run_id: int) -> list[tuple[JobRecord, AttemptRecord]]:
+        """Jobs that may have a prompt on a server, each with its newest attempt."""
+        async with self._tx() as conn:
+            rows = (
+                await conn.execute(
+                    select(jobs).where(
+                        jobs.c.run_id == run_id,
+                        jobs.c.state.in_([s.value for s in IN_FLIGHT]),
+                    )
+                )
+            ).all()
+            result = []
+            for row in rows:
+                attempt = (
+                    await conn.execute(
+                        select(attempts)
+                        .where(attempts.c.job_id == row.id)
+                        .order_by(attempts.c.number.desc())
+                        .limit(1)
+                    )
+                ).one()
+                result.append((JobRecord.from_row(row), AttemptRecord.from_row(attempt)))
+            return result
+
+    async def succeeded(self, run_id: int) -> AsyncIterator[JobRecord]:
+        """Succeeded jobs, streamed in batches (a run may hold a million)."""
+        last_id = 0
+        while True:
+            async with self._tx() as conn:
+                rows = (
+                    await conn.execute(
+                        select(jobs)
+                        .where(
+                            jobs.c.run_id == run_id,
+                            jobs.c.state == JobState.SUCCEEDED.value,
+                            jobs.c.id > last_id,
+                        )
+                        .order_by(jobs.c.id)
+                        .limit(1000)
+                    )
+                ).all()
+            if not rows:
+                return
+            for row in rows:
+                yield JobRecord.from_row(row)
+            last_id = rows[-1].id
+
+    async def counts(self, run_id: int) -> dict[JobState, int]:
+        async with self._tx() as conn:
+            rows = await conn.execute(
+                select(jobs.c.state, func.count())
+                .where(jobs.c.run_id == run_id, jobs.c.in_manifest.is_(True))
+                .group_by(jobs.c.state)
+            )
+            counts = {state: 0 for state in JobState}
+            for state, n in rows:
+                counts[JobState(state)] = n
+            return counts
+
+    async def endpoint_counts(self, run_id: int) -> dict[str, dict[str, int]]:
+        """Per endpoint URL: attempts by state."""
+        async with self._tx() as conn:
+            rows = await conn.execute(
+                select(endpoints.c.url, attempts.c.state, func.count())
+                .select_from(attempts.join(endpoints, attempts.c.endpoint_id == endpoints.c.id))
+                .where(endpoints.c.run_id == run_id)
+                .group_by(endpoints.c.url, attempts.c.state)
+            )
+            result: dict[str, dict[str, int]] = {}
+            for url, state, n in rows:
+                result.setdefault(url, {})[state] = n
+            return result
+
+    async def failures(self, run_id: int, limit: int = 50) -> list[Failure]:
+        async with self._tx() as conn:
+            rows = await conn.execute(
+                select(jobs)
+                .where(
+                    jobs.c.run_id == run_id,
+                    jobs.c.state.in_(
+                        [JobState.FAILED.value, JobState.SKIPPED.value, JobState.RETRY_WAIT.value]
+                    ),
+                )
+                .order_by(jobs.c.line)
+                .limit(limit)
+            )
+            return [
+                Failure(r.key, r.line, JobState(r.state), r.error_kind, r.last_error, r.attempts)
+                for r in rows
+            ]
+
+    async def export_rows(self, run_id: int) -> AsyncIterator[dict[str, Any]]:
+        """Every job with its last attempt's endpoint and prompt id, in manifest order."""
+        last_line, last_id = -1, 0
+        while True:
+            async with self._tx() as conn:
+                latest = (
+                    select(attempts.c.job_id, func.max(attempts.c.number).label("number"))
+                    .group_by(attempts.c.job_id)
+                    .subquery()
+                )
+                rows = (
+                    await conn.execute(
+                        select(
+                            jobs,
+                            attempts.c.prompt_id,
+                            attempts.c.submitted_at,
+                            attempts.c.started_at.label("attempt_started_at"),
+                            attempts.c.finished_at.label("attempt_finished_at"),
+                            endpoints.c.url.label("endpoint"),
+                        )
+                        .select_from(
+                            jobs.outerjoin(latest, latest.c.job_id == jobs.c.id)
+                            .outerjoin(
+                                attempts,
+                                and_(
+                                    attempts.c.job_id == jobs.c.id,
+                                    attempts.c.number == latest.c.number,
+                                ),
+                            )
+                            .outerjoin(endpoints, endpoints.c.id == attempts.c.endpoint_id)
+                        )
+                        .where(
+                            jobs.c.run_id == run_id,
+                            jobs.c.in_manifest.is_(True),
+                            or_(
+                                jobs.c.line > last_line,
+                                and_(jobs.c.line == last_line, jobs.c.id > last_id),
+                            ),
+                        )
+                        .order_by(jobs.c.line, jobs.c.id)
+                        .limit(1000)
+                    )
+                ).all()
+            if not rows:
+                return
+            for row in rows:
+                yield dict(row._mapping)
+            last_line, last_id = rows[-1].line, rows[-1].id
+
+
+def database_exists(path: Path) -> bool:
+    return path.is_file() and os.path.getsize(path) > 0
