@@ -679,6 +679,10 @@ class Store:
     ) -> JobState:
         """A claimed job could not be prepared (upload, render); nothing reached the GPU."""
         async with self._tx() as conn:
+            # Counts as an attempt, so a job whose upload keeps failing still runs out of tries.
+            await conn.execute(
+                update(jobs).where(jobs.c.id == job_id).values(attempts=jobs.c.attempts + 1)
+            )
             return await self._fail(
                 conn, job_id, (JobState.PREPARING,), error, kind, retry_at, endpoint_id, None
             )

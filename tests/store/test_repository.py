@@ -1,0 +1,156 @@
+"""The repository against a real SQLite file: guarded transitions, claims, ingest, locking."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from batch_runner.errors import RunLocked, TransitionRejected
+from batch_runner.states import AttemptState, JobState
+from batch_runner.store import NewJob, Store
+
+
+def rows(n: int, *, changed: dict[str, str] | None = None) -> list[NewJob]:
+    changed = changed or {}
+    return [
+        NewJob(f"k{i}", i + 2, {"prompt": f"p{i}"}, changed.get(f"k{i}", f"h{i}")) for i in range(n)
+    ]
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[Store]:
+    async with Store.open(tmp_path / "run.sqlite") as s:
+        yield s
+
+
+async def test_happy_path_is_logged_in_order(store: Store) -> None:
+    run = await store.ensure_run("default", "m.csv")
+    ep = await store.ensure_endpoint(run.id, "http://127.0.0.1:1")
+    await store.ingest(run.id, rows(1))
+    [job] = await store.claim(run.id, ep.id)
+    attempt = await store.begin_attempt(job.id, ep.id, {"1": {}}, {"seed": 5})
+    await store.attempt_queued(attempt.id)
+    assert await store.attempt_running(job.id, attempt.id)
+    assert not await store.attempt_running(job.id, attempt.id), "a repeat must be a no-op"
+    assert await store.attempt_completed(job.id, attempt.id, [{"filename": "a.mp4"}])
+    assert not await store.attempt_completed(job.id, attempt.id, [{"filename": "a.mp4"}])
+    await store.job_succeeded(job.id, attempt.id, path="/o/k0.mp4", sha256="ab", size=3)
+
+    done = await store.job(job.id)
+    assert done.state is JobState.SUCCEEDED
+    assert done.resolved == {"seed": 5}
+    assert done.attempts == 1
+    with sqlite3.connect(store.path) as db:
+        trail = [r[0] for r in db.execute("SELECT to_state FROM job_events ORDER BY id")]
+    assert trail == ["preparing", "submitted", "running", "fetching", "succeeded"]
+
+
+async def test_transition_from_wrong_state_is_rejected(store: Store) -> None:
+    run = await store.ensure_run("default", "m.csv")
+    await store.ingest(run.id, rows(1))
+    [job_id] = [j.id async for j in _all_pending(store, run.id)]
+    with pytest.raises(TransitionRejected):
+        await store.job_succeeded(job_id, 999, path="x", sha256="y", size=1)
+    assert (await store.job(job_id)).state is JobState.PENDING
+
+
+async def _all_pending(store: Store, run_id: int) -> AsyncIterator[object]:
+    ep = await store.ensure_endpoint(run_id, "http://127.0.0.1:9")
+    for job in await store.claim(run_id, ep.id, limit=100):
+        await store.release(job.id, "test")
+        yield job
+
+
+async def test_retry_prefers_another_endpoint(store: Store) -> None:
+    run = await store.ensure_run("default", "m.csv")
+    a = await store.ensure_endpoint(run.id, "http://127.0.0.1:1")
+    b = await store.ensure_endpoint(run.id, "http://127.0.0.1:2")
+    await store.ingest(run.id, rows(1))
+    [job] = await store.claim(run.id, a.id)
+    attempt = await store.begin_attempt(job.id, a.id, {}, {})
+    state = await store.attempt_failed(
+        job.id,
+        attempt.id,
+        error="oom",
+        kind="ExecutionTransient",
+        retry_at=0.0,
+        endpoint_id=a.id,
+    )
+    assert state is JobState.RETRY_WAIT
+    await store.ingest(run.id, rows(2))  # a fresh pending job k1 appears
+    [first] = await store.claim(run.id, a.id)
+    assert first.key == "k1", "endpoint a should take new work before the job it just failed"
+    [second] = await store.claim(run.id, b.id)
+    assert second.key == "k0"
+
+
+async def test_exhausted_attempts_fail_the_job(store: Store) -> None:
+    run = await store.ensure_run("default", "m.csv")
+    ep = await store.ensure_endpoint(run.id, "http://127.0.0.1:1")
+    await store.ingest(run.id, rows(1))
+    [job] = await store.claim(run.id, ep.id)
+    attempt = await store.begin_attempt(job.id, ep.id, {}, {})
+    state = await store.attempt_failed(
+        job.id, attempt.id, error="bad", kind="WorkflowRejected", retry_at=None
+    )
+    assert state is JobState.FAILED
+    assert await store.retry_failed(run.id) == 1
+    assert (await store.job(job.id)).state is JobState.PENDING
+
+
+async def test_ingest_reports_changed_and_removed_rows(store: Store) -> None:
+    run = await store.ensure_run("default", "m.csv")
+    ep = await store.ensure_endpoint(run.id, "http://127.0.0.1:1")
+    first = await store.ingest(run.id, rows(3))
+    assert first.added == 3
+    [job] = await store.claim(run.id, ep.id)
+    attempt = await store.begin_attempt(job.id, ep.id, {}, {})
+    await store.attempt_failed(job.id, attempt.id, error="x", kind="k", retry_at=None)
+
+    # k0 ran and changed, k1 never ran and changed, k2 was removed, k3 is new.
+    again = await store.ingest(
+        run.id, [*rows(2, changed={"k0": "new0", "k1": "new1"}), NewJob("k3", 9, {}, "h3")]
+    )
+    assert again.added == 1
+    assert again.changed == ("k0",)
+    assert again.updated == 1
+    assert again.removed == ("k2",)
+    counts = await store.counts(run.id)
+    assert counts[JobState.PENDING] == 2 and counts[JobState.FAILED] == 1
+    assert (await store.job(job.id)).changed_hash == "new0"
+
+    rerun = await store.ingest(
+        run.id, rows(2, changed={"k0": "new0", "k1": "new1"}), rerun_changed=True
+    )
+    assert rerun.updated == 1 and rerun.removed == ("k3",)
+    assert (await store.job(job.id)).state is JobState.PENDING
+
+
+async def test_second_runner_is_refused(tmp_path: Path) -> None:
+    async with Store.open(tmp_path / "run.sqlite"):
+        with pytest.raises(RunLocked, match="in use by another batch-runner"):
+            async with Store.open(tmp_path / "run.sqlite"):
+                pass
+        # Readers do not take the runner lock.
+        async with Store.open(tmp_path / "run.sqlite", exclusive=False):
+            pass
+
+
+async def test_attempt_states_survive_reopen(tmp_path: Path) -> None:
+    path = tmp_path / "run.sqlite"
+    async with Store.open(path) as s:
+        run = await s.ensure_run("default", "m.csv")
+        ep = await s.ensure_endpoint(run.id, "http://127.0.0.1:1")
+        await s.ingest(run.id, rows(2))
+        [job] = await s.claim(run.id, ep.id)
+        attempt = await s.begin_attempt(job.id, ep.id, {"g": 1}, {})
+        client_id = ep.client_id
+    async with Store.open(path) as s:
+        run = await s.ensure_run("default", "m.csv")
+        assert (await s.ensure_endpoint(run.id, "http://127.0.0.1:1")).client_id == client_id
+        [(j, a)] = await s.in_flight(run.id)
+        assert (j.key, a.prompt_id, a.state) == ("k0", attempt.prompt_id, AttemptState.INTENT)
+        assert a.graph == {"g": 1}
