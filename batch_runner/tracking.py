@@ -1,0 +1,149 @@
+"""What the websocket and reconciliation have told us about each prompt of one endpoint.
+
+Pure bookkeeping, no I/O: the lane feeds it events and reconciliation results, and the job
+coroutines wait on their :class:`PromptWatch`. Repeated and out-of-order messages are no-ops:
+an outcome, once set, never changes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+from batch_runner import clock
+from batch_runner.comfy import events as ev
+from batch_runner.comfy.models import HistoryEntry, Outcome
+
+#: Terminal messages for prompts nobody watches yet (resume before adoption) are kept, this many.
+MAX_ORPHANS = 1024
+
+
+@dataclass
+class PromptWatch:
+    """One submitted prompt that a job coroutine is waiting for."""
+
+    prompt_id: str
+    job_key: str
+    #: the server confirmed it has the prompt (POST answered, or found in /queue or /history)
+    accepted: bool = False
+    started: bool = False
+    #: the job coroutine has stored that the prompt started
+    recorded_running: bool = False
+    node: str | None = None
+    step: tuple[int, int] | None = None
+    last_heard: float = field(default_factory=clock.monotonic)
+    #: the socket told us the prompt ended (success, error or interrupt)
+    ended: ev.Event | None = None
+    #: reconciliation found the finished entry in /history
+    entry: HistoryEntry | None = None
+    lost: bool = False
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def finished(self) -> bool:
+        return self.ended is not None or self.entry is not None or self.lost
+
+    def touch(self) -> None:
+        self.last_heard = clock.monotonic()
+        self.changed.set()
+
+
+class PromptTracker:
+    """Routes one endpoint's websocket events to the watches of the prompts we submitted."""
+
+    def __init__(self) -> None:
+        self._watches: dict[str, PromptWatch] = {}
+        self._orphans: OrderedDict[str, ev.Event] = OrderedDict()
+        self._running: str | None = None
+
+    def watch(self, prompt_id: str, job_key: str) -> PromptWatch:
+        """Start watching a prompt; call before submitting (messages can beat the answer)."""
+        watch = self._watches.get(prompt_id)
+        if watch is None:
+            watch = PromptWatch(prompt_id, job_key)
+            self._watches[prompt_id] = watch
+            orphan = self._orphans.pop(prompt_id, None)
+            if orphan is not None:
+                self.handle(orphan)
+        return watch
+
+    def forget(self, prompt_id: str) -> None:
+        self._watches.pop(prompt_id, None)
+
+    def watches(self) -> list[PromptWatch]:
+        return list(self._watches.values())
+
+    @property
+    def running_prompt(self) -> str | None:
+        return self._running
+
+    def handle(self, event: ev.Event) -> None:
+        prompt_id = getattr(event, "prompt_id", None)
+        if prompt_id is None:
+            # The reconnect hint `executing {node}` names no prompt; /queue tells which one.
+            return
+        watch = self._watches.get(prompt_id)
+        if watch is None:
+            if isinstance(event, ev.ExecutionSuccess | ev.ExecutionError | ev.ExecutionInterrupted):
+                self._orphans[prompt_id] = event
+                while len(self._orphans) > MAX_ORPHANS:
+                    self._orphans.popitem(last=False)
+            return
+        if watch.finished:
+            return
+        if isinstance(event, ev.ExecutionStart):
+            watch.started = True
+            self._running = prompt_id
+        elif isinstance(event, ev.Executing):
+            watch.started = True
+            if event.node is None:
+                if self._running == prompt_id:
+                    self._running = None
+            else:
+                watch.node, watch.step = event.node, None
+        elif isinstance(event, ev.Progress):
+            watch.started = True
+            watch.step = (event.value, event.max)
+        elif isinstance(event, ev.ExecutionSuccess | ev.ExecutionError | ev.ExecutionInterrupted):
+            watch.ended = event
+            if self._running == prompt_id:
+                self._running = None
+        watch.touch()
+
+    def reconciled(self, watch: PromptWatch, entry: HistoryEntry | None, *, running: bool,
+                   pending: bool) -> bool:
+        """Apply what /queue and /history said about ``watch``'s prompt.
+
+        Returns True when history shows an end the socket never told us about, which means
+        the socket missed it (disconnected or deaf) and should be reopened.
+        """
+        if watch.finished:
+            return False
+        if entry is not None:
+            watch.entry = entry
+            watch.touch()
+            return True
+        if running:
+            watch.started = True
+            self._running = watch.prompt_id
+            watch.touch()
+        elif pending:
+            watch.touch()
+        else:
+            watch.lost = True
+            watch.touch()
+        return False
+
+
+def outcome_of(watch: PromptWatch) -> Outcome | None:
+    """Success, error or interrupted, from whichever source settled the prompt first."""
+    if watch.entry is not None:
+        return watch.entry.outcome
+    if isinstance(watch.ended, ev.ExecutionSuccess):
+        return Outcome.SUCCESS
+    if isinstance(watch.ended, ev.ExecutionError):
+        return Outcome.ERROR
+    if isinstance(watch.ended, ev.ExecutionInterrupted):
+        return Outcome.INTERRUPTED
+    return None
