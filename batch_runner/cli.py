@@ -1,13 +1,447 @@
-"""The batch-runner command line."""
+"""The batch-runner command line. Commands parse flags and hand over; nothing else lives here."""
 
 from __future__ import annotations
 
+import asyncio
+import functools
+import logging
+import os
+import signal
+import sys
+from collections.abc import Callable, Coroutine
+from contextlib import AsyncExitStack, suppress
+from pathlib import Path
+from typing import Any, TypeVar
+
 import click
+from rich.console import Console
+from rich.logging import RichHandler
 
 from batch_runner import __version__
+from batch_runner.config import RunSettings, build_settings, default_db
+from batch_runner.errors import BatchRunnerError, InputError, RunLocked
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+F = TypeVar("F", bound=Callable[..., Any])
+stderr = Console(stderr=True)
+log = logging.getLogger("batch_runner")
+
+
+def _setup_logging(debug: bool, quiet: bool) -> None:
+    level = logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO
+    handler = RichHandler(console=stderr, show_path=debug, rich_tracebacks=debug, markup=False)
+    logging.basicConfig(level=level, handlers=[handler], format="%(message)s", force=True)
+    if not debug:
+        # Third-party libraries speak only when something is wrong.
+        for name in ("aiohttp", "websockets", "alembic", "sqlalchemy"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def handle_errors(func: F) -> F:
+    """Turn expected errors into one plain message and an exit code; tracebacks only with
+    --debug."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        debug = bool(click.get_current_context().find_root().params.get("debug"))
+        try:
+            return func(*args, **kwargs)
+        except BatchRunnerError as exc:
+            if debug:
+                raise
+            stderr.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False)
+            code = EXIT_USAGE if isinstance(exc, InputError | RunLocked) else EXIT_FAILED
+            sys.exit(code)
+        except (KeyboardInterrupt, click.exceptions.Exit, click.ClickException, SystemExit):
+            raise
+        except Exception as exc:
+            if debug:
+                raise
+            stderr.print(
+                f"[bold red]internal error:[/] {type(exc).__name__}: {exc}\n"
+                "Run the same command with --debug for details; the run database is intact.",
+                markup=True,
+                highlight=False,
+            )
+            sys.exit(EXIT_FAILED)
+
+    return wrapper  # type: ignore[return-value]
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="batch-runner")
-def main() -> None:
-    """Turn (image, prompt) pairs into Wan2.2 image-to-video clips on ComfyUI servers."""
+@click.option("--debug", is_flag=True, help="Verbose logs and full tracebacks.")
+@click.option("--quiet", "-q", is_flag=True, help="Only warnings and errors.")
+def main(debug: bool, quiet: bool) -> None:
+    """Turn (image, prompt) pairs into Wan2.2 image-to-video clips on ComfyUI servers.
+
+    Start with `batch-runner run jobs.csv --endpoint http://HOST:8188`; run the same command
+    again to resume an interrupted run.
+    """
+    _setup_logging(debug, quiet)
+
+
+def _db_for(manifest: Path | None, db: Path | None) -> Path:
+    if db is not None:
+        return db
+    if manifest is None:
+        raise click.UsageError("give the MANIFEST the run was started with, or --db PATH")
+    return default_db(manifest)
+
+
+manifest_arg = click.argument(
+    "manifest", type=click.Path(dir_okay=False, path_type=Path), required=False
+)
+db_option = click.option(
+    "--db",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Run database (default: MANIFEST.batch.sqlite beside the manifest).",
+)
+
+
+def _run_async(coro: Coroutine[Any, Any, int]) -> int:
+    return asyncio.run(coro)
+
+
+# ------------------------------------------------------------------------------------ run
+
+
+@main.command()
+@click.argument("manifest", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option(
+    "--endpoint",
+    "-e",
+    "endpoints",
+    multiple=True,
+    metavar="URL",
+    help="ComfyUI server, e.g. http://gpu1:8188 (repeat for several).",
+)
+@click.option(
+    "--token",
+    metavar="TOKEN",
+    envvar="BATCH_RUNNER_TOKEN",
+    show_envvar=True,
+    help="Bearer token sent to every --endpoint.",
+)
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="TOML file with endpoints, tokens, bindings and limits.",
+)
+@db_option
+@click.option(
+    "--output-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Where videos go (default: outputs/MANIFEST_STEM/ beside the manifest).",
+)
+@click.option(
+    "--workflow",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Custom workflow in ComfyUI's API format (default: built-in Wan2.2 I2V).",
+)
+@click.option(
+    "--bind",
+    "binds",
+    multiple=True,
+    metavar="FIELD=NODE.INPUT",
+    help="Map a job field to a node input of --workflow, e.g. prompt=6.text.",
+)
+@click.option("--preset", type=click.Choice(["480p", "720p"]), help="Resolution preset.")
+@click.option(
+    "--max-inflight",
+    type=click.IntRange(min=1),
+    help="Prompts per endpoint at once (default 2: one running, one queued).",
+)
+@click.option("--max-attempts", type=click.IntRange(min=1), help="Tries per job (default 3).")
+@click.option(
+    "--emulate",
+    type=click.IntRange(min=1, max=32),
+    metavar="N",
+    help="Start N emulated ComfyUI endpoints in this process (a dry run).",
+)
+@click.option("--skip-invalid", is_flag=True, help="Run the valid rows; record invalid ones.")
+@click.option(
+    "--rerun-changed",
+    is_flag=True,
+    help="Run again the finished rows whose manifest content changed.",
+)
+@handle_errors
+def run(
+    manifest: Path,
+    endpoints: tuple[str, ...],
+    token: str | None,
+    config_file: Path | None,
+    db: Path | None,
+    output_dir: Path | None,
+    workflow: Path | None,
+    binds: tuple[str, ...],
+    preset: str | None,
+    max_inflight: int | None,
+    max_attempts: int | None,
+    emulate: int | None,
+    skip_invalid: bool,
+    rerun_changed: bool,
+) -> None:
+    """Run (or resume) the batch in MANIFEST (.csv or .jsonl).
+
+    Exit codes: 0 all videos made, 1 some jobs failed, 2 bad input or usage,
+    130 interrupted (run the same command again to resume).
+    """
+    if emulate and endpoints:
+        raise click.UsageError("use either --emulate or --endpoint, not both")
+    settings = build_settings(
+        manifest,
+        config_file=config_file,
+        endpoints=endpoints or (),
+        token=token,
+        db=db,
+        output_dir=output_dir,
+        workflow=workflow,
+        binds=binds,
+        preset=preset,
+        max_inflight=max_inflight,
+        max_attempts=max_attempts,
+        skip_invalid=skip_invalid,
+        rerun_changed=rerun_changed,
+    )
+    if not settings.endpoints and not emulate:
+        raise click.UsageError(
+            "no endpoint: give --endpoint URL (or endpoints in --config), or --emulate N for a "
+            "dry run against emulated servers"
+        )
+    sys.exit(_run_async(_run(settings, emulate)))
+
+
+async def _run(settings: RunSettings, emulate: int | None) -> int:
+    from dataclasses import replace
+
+    from batch_runner.runner import run_batch, template_for
+
+    template = template_for(settings)
+    stopping = asyncio.Event()
+    _install_signal_handlers(stopping)
+    async with AsyncExitStack() as stack:
+        if emulate:
+            from batch_runner.config import EndpointSettings
+            from batch_runner.emulator import Emulator, EmulatorConfig
+
+            urls = []
+            for _ in range(emulate):
+                emulator = await stack.enter_async_context(Emulator(EmulatorConfig()))
+                urls.append(emulator.url)
+            inflight = settings.endpoints[0].max_inflight if settings.endpoints else 2
+            settings = replace(
+                settings, endpoints=tuple(EndpointSettings(u, None, inflight) for u in urls)
+            )
+            log.info("started %d emulated endpoint(s): %s", emulate, ", ".join(urls))
+        summary = await run_batch(settings, template, stopping)
+    _print_summary(settings, summary)
+    return summary.exit_code
+
+
+def _install_signal_handlers(stopping: asyncio.Event) -> None:
+    loop = asyncio.get_running_loop()
+
+    def on_signal(signum: int) -> None:
+        if stopping.is_set():
+            stderr.print("second interrupt: exiting now; run the same command to resume")
+            os._exit(EXIT_INTERRUPTED)
+        stderr.print(
+            f"{signal.Signals(signum).name}: finishing the prompts in flight, claiming no new "
+            "jobs (interrupt again to exit at once; either way the run resumes)"
+        )
+        stopping.set()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, on_signal, sig)
+
+
+def _print_summary(settings: RunSettings, summary: Any) -> None:
+    from batch_runner.progress import describe
+
+    out = Console()
+    out.print(f"{describe(summary.counts)}; videos in {settings.output_dir}", highlight=False)
+    if summary.stopped:
+        out.print("stopped before the end; run the same command again to resume")
+
+
+# ------------------------------------------------------------------------------------ status
+
+
+@main.command()
+@manifest_arg
+@db_option
+@handle_errors
+def status(manifest: Path | None, db: Path | None) -> None:
+    """Counts per state and per endpoint, and the failures with their reasons."""
+    from batch_runner.status import print_status
+
+    sys.exit(_run_async(print_status(_db_for(manifest, db), Console())))
+
+
+@main.command()
+@manifest_arg
+@db_option
+@handle_errors
+def retry(manifest: Path | None, db: Path | None) -> None:
+    """Send failed jobs back to pending; the next `run` tries them again."""
+    from batch_runner.status import retry_failed
+
+    sys.exit(_run_async(retry_failed(_db_for(manifest, db), Console())))
+
+
+@main.command()
+@manifest_arg
+@db_option
+@click.option(
+    "--output",
+    "-o",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="File to write (default: standard output).",
+)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["csv", "jsonl"]),
+    help="Default: from the --output extension, else csv.",
+)
+@handle_errors
+def export(manifest: Path | None, db: Path | None, output: Path | None, fmt: str | None) -> None:
+    """Write one row per job: inputs, resolved parameters, endpoint, output file, checksum,
+    timings, attempts and last error. CSV cells are guarded against formula injection."""
+    from batch_runner.status import export_results
+
+    chosen = fmt or ("jsonl" if output and output.suffix in (".jsonl", ".ndjson") else "csv")
+    sys.exit(_run_async(export_results(_db_for(manifest, db), output, chosen)))
+
+
+@main.command()
+@click.argument("manifest", type=click.Path(dir_okay=False, path_type=Path))
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="TOML file, as for run.",
+)
+@click.option(
+    "--workflow",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Custom API-format workflow the rows must fit.",
+)
+@click.option("--bind", "binds", multiple=True, metavar="FIELD=NODE.INPUT")
+@handle_errors
+def validate(
+    manifest: Path, config_file: Path | None, workflow: Path | None, binds: tuple[str, ...]
+) -> None:
+    """Check MANIFEST without sending anything: every problem with file, line and column."""
+    from batch_runner.errors import ManifestError
+    from batch_runner.runner import check_manifest, template_for
+
+    settings = build_settings(
+        manifest,
+        config_file=config_file,
+        endpoints=(),
+        token=None,
+        db=None,
+        output_dir=None,
+        workflow=workflow,
+        binds=binds,
+        preset=None,
+        max_inflight=None,
+        max_attempts=None,
+        skip_invalid=False,
+        rerun_changed=False,
+    )
+    good, problems = check_manifest(manifest, template_for(settings))
+    if problems:
+        raise ManifestError(problems)
+    Console().print(f"{manifest}: {good} valid row(s)", highlight=False)
+
+
+# ------------------------------------------------------------------------------------ emulate
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8188, show_default=True, type=click.IntRange(0, 65535))
+@click.option(
+    "--step-ms",
+    default=5.0,
+    show_default=True,
+    type=click.FloatRange(min=0),
+    help="Emulated GPU time per sampler step.",
+)
+@click.option(
+    "--speed",
+    default=1.0,
+    show_default=True,
+    type=click.FloatRange(min=0.01),
+    help="Speed factor (2 = twice as fast).",
+)
+@click.option(
+    "--video-max-side",
+    default=128,
+    show_default=True,
+    type=click.IntRange(min=16),
+    help="Longest side of the videos written (kept small for speed).",
+)
+@click.option("--seed", default=0, show_default=True, help="Seed for every fault below.")
+@click.option("--http-5xx-rate", default=0.0, type=click.FloatRange(0, 1))
+@click.option("--latency-ms", default=0.0, type=click.FloatRange(min=0))
+@click.option("--ws-drop-after", type=click.IntRange(min=1), help="Drop sockets after N frames.")
+@click.option("--ws-drop-rate", default=0.0, type=click.FloatRange(0, 1))
+@click.option(
+    "--execution-error-rate",
+    default=0.0,
+    type=click.FloatRange(0, 1),
+    help="Chance a prompt fails with CUDA out of memory.",
+)
+@click.option("--truncate-view-rate", default=0.0, type=click.FloatRange(0, 1))
+@click.option("--crash-after", type=click.IntRange(min=1), help="Exit after N prompts.")
+@handle_errors
+def emulate(
+    host: str,
+    port: int,
+    step_ms: float,
+    speed: float,
+    video_max_side: int,
+    seed: int,
+    http_5xx_rate: float,
+    latency_ms: float,
+    ws_drop_after: int | None,
+    ws_drop_rate: float,
+    execution_error_rate: float,
+    truncate_view_rate: float,
+    crash_after: int | None,
+) -> None:
+    """Serve an emulated ComfyUI (HTTP + websocket) for dry runs and tests. No GPU needed:
+    it validates workflows like the real server and writes small real MP4s."""
+    from batch_runner.emulator import EmulatorConfig, Faults, serve
+
+    config = EmulatorConfig(
+        host=host,
+        port=port,
+        step_ms=step_ms,
+        speed=speed,
+        video_max_side=video_max_side,
+        exit_on_crash=True,
+        faults=Faults(
+            seed=seed,
+            http_5xx_rate=http_5xx_rate,
+            latency_ms=latency_ms,
+            ws_drop_after_frames=ws_drop_after,
+            ws_drop_rate=ws_drop_rate,
+            execution_error_rate=execution_error_rate,
+            truncate_view_rate=truncate_view_rate,
+            crash_after_prompts=crash_after,
+        ),
+    )
+
+    def ready(url: str) -> None:
+        click.echo(f"emulated ComfyUI listening on {url}", err=False)
+        sys.stdout.flush()
+
+    with suppress(KeyboardInterrupt):
+        asyncio.run(serve(config, ready=ready))

@@ -63,7 +63,7 @@ class RunSettings:
     endpoints: tuple[EndpointSettings, ...]
     workflow: Path | None = None
     bindings: Mapping[str, str] = field(default_factory=dict)
-    preset: str = "720p"
+    preset: str | None = None  #: None keeps the workflow's own default
     retry: RetryPolicy = RetryPolicy()
     timeouts: Timeouts = Timeouts()
     skip_invalid: bool = False
@@ -208,7 +208,7 @@ def build_settings(
         endpoints=tuple(eps),
         workflow=workflow or file_path("workflow"),
         bindings=bindings,
-        preset=preset or str(file_cfg.get("preset", "720p")),
+        preset=preset or (str(file_cfg["preset"]) if "preset" in file_cfg else None),
         retry=RetryPolicy(max_attempts=attempts),
         timeouts=timeouts,
         skip_invalid=skip_invalid,

@@ -20,7 +20,7 @@
     │       ├── WorkflowRejected    POST /prompt answered 400 with node_errors
     │       ├── ExecutionFailed     execution_error of a deterministic kind
     │       ├── ExecutionInterrupted the prompt was interrupted on the server
-    │       └── OutputRejected      the server's output is unusable (unsafe name, too big, not a video)
+    │       └── OutputRejected      the output is unusable (unsafe name, too big, not a video)
     └── StopRequested               the user asked the run to stop
 
 The scheduler's retry policy is an ``isinstance`` check on TransientError/PermanentError.
@@ -121,7 +121,7 @@ class DownloadIncomplete(TransientError):
 
 
 class ExecutionTransient(TransientError):
-    """The prompt failed on the server for a reason that may pass (for example out of GPU memory)."""
+    """The prompt failed on the server for a reason that may pass (e.g. out of GPU memory)."""
 
 
 class PromptLost(TransientError):

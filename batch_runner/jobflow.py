@@ -1,0 +1,356 @@
+"""The life of one job on one lane: prepare, submit, follow, fetch, record.
+
+Every state change goes through the repository's named methods; this module decides what
+happens next and never writes SQL. The write-ahead rule holds throughout: the attempt and its
+prompt_id are committed before POST /prompt, and a file is recorded only after it is
+verified and renamed into place.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from batch_runner import clock, outputs
+from batch_runner.comfy.failures import classify_execution_error
+from batch_runner.comfy.models import HistoryEntry, Outcome, OutputFile
+from batch_runner.config import RunSettings
+from batch_runner.errors import (
+    BatchRunnerError,
+    DownloadIncomplete,
+    EndpointError,
+    ExecutionInterrupted,
+    InputError,
+    PermanentError,
+    PromptLost,
+    TransientError,
+    WorkflowRejected,
+)
+from batch_runner.lane import EndpointGone, Lane
+from batch_runner.planning import Planner, Prepared
+from batch_runner.states import AttemptState, JobState
+from batch_runner.store import AttemptRecord, JobRecord, Store
+from batch_runner.tracking import PromptWatch, outcome_of
+
+log = logging.getLogger(__name__)
+
+DOWNLOAD_TRIES = 3
+
+
+class StaleUpload(TransientError):
+    """The endpoint no longer has an image we uploaded earlier; it is uploaded again."""
+
+
+@dataclass
+class JobFlow:
+    store: Store
+    settings: RunSettings
+    planner: Planner
+    stopping: asyncio.Event
+
+    # ---------------------------------------------------------------- entry points
+
+    async def run_claimed(self, job: JobRecord, lane: Lane) -> None:
+        """A freshly claimed job: prepare it, commit the attempt, submit and follow it."""
+        try:
+            prepared = await self.planner.prepare(job, lane, self.store)
+        except (InputError, PermanentError) as exc:
+            await self.store.preparation_failed(
+                job.id, error=_one_line(exc), kind=_kind(exc), retry_at=None
+            )
+            return
+        except TransientError as exc:
+            if isinstance(exc, EndpointGone):
+                lane.mark_down(exc)
+            await self._prep_retry(job, lane, exc)
+            return
+        if self.stopping.is_set():
+            await self.store.release(job.id, "run stopping before submission")
+            return
+        attempt = await self.store.begin_attempt(
+            job.id, lane.record.id, prepared.graph, prepared.resolved
+        )
+        await self.follow(job, attempt, lane, prepared, submit=True)
+
+    async def resume(self, job: JobRecord, attempt: AttemptRecord, lane: Lane) -> None:
+        """An attempt found in flight when the runner started: re-attach by prompt_id."""
+        prepared = self.planner.prepared_from(job, attempt)
+        if job.state is JobState.FETCHING and attempt.outputs is not None:
+            files = [OutputFile(**o) for o in attempt.outputs]
+            await self._fetch_and_record(job, attempt, lane, prepared, files)
+            return
+        watch = lane.tracker.watch(attempt.prompt_id, job.key)
+        try:
+            location = await lane.locate(attempt.prompt_id)
+        except EndpointGone as exc:
+            lane.tracker.forget(attempt.prompt_id)
+            await self._abandon(job, attempt, lane, exc)
+            return
+        if not location.unknown:
+            watch.accepted = True
+            lane.tracker.reconciled(
+                watch, location.entry, running=location.running, pending=location.pending
+            )
+            await self.follow(job, attempt, lane, prepared, submit=False)
+        elif attempt.state is AttemptState.INTENT:
+            # Committed but never accepted: sending it now under the same id cannot duplicate.
+            await self.follow(job, attempt, lane, prepared, submit=True)
+        else:
+            lane.tracker.forget(attempt.prompt_id)
+            await self._attempt_error(
+                job,
+                attempt,
+                lane,
+                PromptLost(
+                    f"{lane.name} no longer knows prompt {attempt.prompt_id} "
+                    "(server restarted or queue cleared)",
+                    endpoint=lane.name,
+                ),
+                AttemptState.LOST,
+            )
+
+    # ---------------------------------------------------------------- submit and follow
+
+    async def follow(
+        self,
+        job: JobRecord,
+        attempt: AttemptRecord,
+        lane: Lane,
+        prepared: Prepared,
+        *,
+        submit: bool,
+    ) -> None:
+        watch = lane.tracker.watch(attempt.prompt_id, job.key)
+        try:
+            if submit:
+                await self._submit(job, attempt, lane, watch)
+            await self._await_end(job, attempt, lane, watch)
+        except EndpointGone as exc:
+            await self._abandon(job, attempt, lane, exc)
+            return
+        except WorkflowRejected as exc:
+            if "Invalid image file" in str(exc):
+                # The server lost the input image we uploaded earlier (restart, cleanup).
+                await self.store.forget_uploads(lane.record.id)
+                exc = StaleUpload(str(exc), endpoint=lane.name)  # type: ignore[assignment]
+            await self._attempt_error(job, attempt, lane, exc)
+            return
+        except (TransientError, PermanentError) as exc:
+            await self._attempt_error(job, attempt, lane, exc)
+            return
+        finally:
+            lane.tracker.forget(attempt.prompt_id)
+        await self._settle(job, attempt, lane, prepared, watch)
+
+    async def _submit(
+        self, job: JobRecord, attempt: AttemptRecord, lane: Lane, watch: PromptWatch
+    ) -> None:
+        try:
+            await lane.client.submit(
+                attempt.graph, prompt_id=attempt.prompt_id, client_id=lane.client_id
+            )
+        except (TransientError, EndpointError) as exc:
+            if isinstance(exc, PermanentError):
+                raise
+            # The answer may have been lost after the server queued the prompt: ask it before
+            # deciding, so the prompt never runs twice.
+            location = await lane.locate(attempt.prompt_id)
+            if location.unknown:
+                raise
+            lane.tracker.reconciled(
+                watch, location.entry, running=location.running, pending=location.pending
+            )
+            log.info("%s: adopted %s after a lost submit answer", lane.name, job.key)
+        watch.accepted = True
+        await self.store.attempt_queued(attempt.id)
+
+    async def _await_end(
+        self, job: JobRecord, attempt: AttemptRecord, lane: Lane, watch: PromptWatch
+    ) -> None:
+        silence = self.settings.timeouts.silence
+        while True:
+            if watch.started and not watch.recorded_running:
+                watch.recorded_running = True
+                await self.store.attempt_running(job.id, attempt.id)
+            if watch.finished:
+                return
+            watch.changed.clear()
+            remaining = silence - (clock.monotonic() - watch.last_heard)
+            try:
+                await asyncio.wait_for(watch.changed.wait(), timeout=max(0.01, remaining))
+            except TimeoutError:
+                await lane.reconcile(watch, after_silence=True)
+
+    # ---------------------------------------------------------------- outcome
+
+    async def _settle(
+        self,
+        job: JobRecord,
+        attempt: AttemptRecord,
+        lane: Lane,
+        prepared: Prepared,
+        watch: PromptWatch,
+    ) -> None:
+        if watch.lost:
+            error: BatchRunnerError = PromptLost(
+                f"{lane.name} no longer knows prompt {attempt.prompt_id}", endpoint=lane.name
+            )
+            await self._attempt_error(job, attempt, lane, error, AttemptState.LOST)
+            return
+        try:
+            entry = watch.entry or await lane.call(lambda: lane.client.history(attempt.prompt_id))
+        except EndpointGone as exc:
+            await self._abandon(job, attempt, lane, exc)
+            return
+        outcome = entry.outcome if entry is not None else outcome_of(watch)
+        if outcome is Outcome.SUCCESS:
+            if entry is None:
+                lost = PromptLost(
+                    f"{lane.name} reported success for {attempt.prompt_id} but has no history "
+                    "entry for it",
+                    endpoint=lane.name,
+                )
+                await self._attempt_error(job, attempt, lane, lost, AttemptState.LOST)
+                return
+            files = prepared.pick_outputs(entry.outputs)
+            if not files:
+                await self._attempt_error(
+                    job, attempt, lane, outputs.no_video_error(entry, lane.name)
+                )
+                return
+            lane.done_count += 1
+            if await self.store.attempt_completed(
+                job.id, attempt.id, [dataclasses.asdict(f) for f in files]
+            ):
+                await self._fetch_and_record(job, attempt, lane, prepared, files)
+        elif outcome is Outcome.INTERRUPTED:
+            await self._attempt_error(
+                job,
+                attempt,
+                lane,
+                ExecutionInterrupted(
+                    f"prompt {attempt.prompt_id} was interrupted on {lane.name}", endpoint=lane.name
+                ),
+            )
+        else:
+            await self._attempt_error(job, attempt, lane, _execution_error(entry, watch, lane))
+
+    async def _fetch_and_record(
+        self,
+        job: JobRecord,
+        attempt: AttemptRecord,
+        lane: Lane,
+        prepared: Prepared,
+        files: list[OutputFile],
+    ) -> None:
+        file = files[0]
+        out_dir = self.settings.output_dir
+        final = out_dir / f"{prepared.output_stem}{outputs.safe_extension(file.filename)}"
+        incoming = out_dir / ".incoming" / final.name
+        for try_number in range(1, DOWNLOAD_TRIES + 1):
+            try:
+                got = await lane.call(
+                    lambda: outputs.download(lane.client, file, incoming, base_dir=out_dir)
+                )
+                if self.settings.verify_video:
+                    await asyncio.to_thread(
+                        outputs.verify_video, incoming, prepared.expected_frames
+                    )
+                await asyncio.to_thread(_promote, incoming, final)
+                break
+            except DownloadIncomplete as exc:
+                if try_number == DOWNLOAD_TRIES:
+                    await self._attempt_error(job, attempt, lane, exc)
+                    return
+                log.info("%s: %s; downloading again", lane.name, exc)
+            except EndpointGone as exc:
+                await self._abandon(job, attempt, lane, exc)
+                return
+            except (TransientError, PermanentError) as exc:
+                await self._attempt_error(job, attempt, lane, exc)
+                return
+        await self.store.job_succeeded(
+            job.id, attempt.id, path=str(final), sha256=got.sha256, size=got.size
+        )
+
+    # ---------------------------------------------------------------- failures
+
+    def _retry_at(self, attempts_made: int) -> float | None:
+        policy = self.settings.retry
+        if attempts_made >= policy.max_attempts:
+            return None
+        return clock.now().timestamp() + policy.delay(attempts_made)
+
+    async def _prep_retry(self, job: JobRecord, lane: Lane, exc: BaseException) -> None:
+        await self.store.preparation_failed(
+            job.id,
+            error=_one_line(exc),
+            kind=_kind(exc),
+            retry_at=self._retry_at(job.attempts + 1),
+            endpoint_id=lane.record.id,
+        )
+
+    async def _attempt_error(
+        self,
+        job: JobRecord,
+        attempt: AttemptRecord,
+        lane: Lane,
+        exc: BaseException,
+        attempt_state: AttemptState = AttemptState.FAILED,
+    ) -> None:
+        transient = isinstance(exc, TransientError)
+        retry_at = self._retry_at(attempt.number) if transient else None
+        state = await self.store.attempt_failed(
+            job.id,
+            attempt.id,
+            error=_one_line(exc),
+            kind=_kind(exc),
+            retry_at=retry_at,
+            attempt_state=attempt_state,
+            endpoint_id=lane.record.id,
+        )
+        level = logging.INFO if state is JobState.RETRY_WAIT else logging.WARNING
+        log.log(level, "%s: job %s %s: %s", lane.name, job.key, state.value, _one_line(exc))
+
+    async def _abandon(
+        self, job: JobRecord, attempt: AttemptRecord, lane: Lane, exc: BaseException
+    ) -> None:
+        """Give up on an unreachable endpoint's prompt: the job moves on elsewhere, and the
+        abandoned attempt's result is never accepted, even if that server finishes it later."""
+        await self._attempt_error(job, attempt, lane, exc, AttemptState.ABANDONED)
+
+
+def _execution_error(entry: HistoryEntry | None, watch: PromptWatch, lane: Lane) -> EndpointError:
+    info = entry.error if entry is not None else getattr(watch.ended, "info", None)
+    if info is None:
+        return PromptLost(
+            f"prompt {watch.prompt_id} failed on {lane.name} without details", endpoint=lane.name
+        )
+    cls = classify_execution_error(info)
+    message = (
+        f"{info.node_type} (node {info.node_id}) failed on {lane.name}: "
+        f"{info.exception_type}: {info.exception_message.strip()}"
+    )
+    return cls(message, endpoint=lane.name)
+
+
+def _promote(incoming: Path, final: Path) -> None:
+    os.replace(incoming, final)
+    fd = os.open(final.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text[:500] or type(exc).__name__
+
+
+def _kind(exc: BaseException) -> str:
+    return type(exc).__name__

@@ -1,0 +1,196 @@
+"""One ComfyUI endpoint as the scheduler sees it: its connection, its socket, its health.
+
+A lane owns the endpoint's single HTTP session and single websocket for the whole run, feeds
+the websocket's events to its :class:`PromptTracker`, reconciles in-flight prompts after every
+(re)connect, and probes the endpoint with backoff while it is unreachable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+from batch_runner import clock
+from batch_runner.comfy import events as ev
+from batch_runner.comfy.client import ComfyClient
+from batch_runner.comfy.config import Endpoint
+from batch_runner.comfy.models import PromptLocation
+from batch_runner.comfy.stream import EventStream
+from batch_runner.config import EndpointSettings
+from batch_runner.errors import EndpointError, EndpointUnavailable, ServerError
+from batch_runner.store import EndpointRecord
+from batch_runner.tracking import PromptTracker, PromptWatch
+
+log = logging.getLogger(__name__)
+
+PROBE_MAX_DELAY_S = 30.0
+
+T = TypeVar("T")
+
+
+class EndpointGone(EndpointUnavailable):
+    """The endpoint stayed unreachable longer than the endpoint timeout."""
+
+
+class Lane:
+    def __init__(
+        self,
+        settings: EndpointSettings,
+        record: EndpointRecord,
+        *,
+        endpoint_timeout: float,
+        client: ComfyClient | None = None,
+        stream: EventStream | None = None,
+    ) -> None:
+        self.settings = settings
+        self.record = record
+        self.name = settings.name
+        endpoint = Endpoint(url=settings.url, token=settings.token, name=settings.name)
+        self.client = client or ComfyClient(endpoint)
+        self.stream = stream or EventStream(endpoint, record.client_id)
+        self.tracker = PromptTracker()
+        self.endpoint_timeout = endpoint_timeout
+        self.up = asyncio.Event()
+        self.up.set()
+        self.down_since: float | None = None
+        self.last_error: str | None = None
+        self.done_count = 0
+        self.ws_connected = False
+        self._probe: asyncio.Task[None] | None = None
+        self._upload_locks: dict[str, asyncio.Lock] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    @property
+    def client_id(self) -> str:
+        return self.record.client_id
+
+    @property
+    def healthy(self) -> bool:
+        return self.up.is_set()
+
+    # ---------------------------------------------------------------- life cycle
+
+    async def listen(self) -> None:
+        """Read the websocket for the whole run; reconcile every watch after each connect."""
+        async for event in self.stream.events():
+            if isinstance(event, ev.Connected):
+                self.ws_connected = True
+                self._spawn(self.reconcile_all(), "reconcile")
+            elif isinstance(event, ev.Disconnected):
+                self.ws_connected = False
+                log.info("%s: websocket lost (%s); will reconnect", self.name, event.reason)
+            else:
+                self.tracker.handle(event)
+
+    async def close(self) -> None:
+        if self._probe is not None:
+            self._probe.cancel()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.stream.aclose()
+        await self.client.aclose()
+
+    def _spawn(self, coro: Awaitable[None], name: str) -> None:
+        task = asyncio.ensure_future(coro)
+        task.set_name(f"{self.name}:{name}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # ---------------------------------------------------------------- health
+
+    def mark_down(self, error: BaseException) -> None:
+        """Stop sending new work here and probe until the endpoint answers again."""
+        self.last_error = str(error)
+        if not self.up.is_set():
+            return
+        log.warning("%s: unreachable (%s); probing with backoff", self.name, error)
+        self.up.clear()
+        self.down_since = clock.monotonic()
+        self._probe = asyncio.ensure_future(self._probe_until_up())
+
+    async def _probe_until_up(self) -> None:
+        delay = 0.5
+        while True:
+            await asyncio.sleep(delay * random.uniform(0.8, 1.2))
+            try:
+                await self.client.system_stats()
+            except EndpointError:
+                delay = min(PROBE_MAX_DELAY_S, delay * 2)
+                continue
+            log.info("%s: reachable again; rejoining", self.name)
+            self.down_since = None
+            self.up.set()
+            await self.stream.reconnect()
+            return
+
+    async def call(self, action: Callable[[], Awaitable[T]]) -> T:
+        """Run ``action``; while the endpoint is unreachable, wait for it, up to the endpoint
+        timeout counted from when it went down, then raise :class:`EndpointGone`."""
+        while True:
+            if not self.up.is_set():
+                await self._wait_up()
+            try:
+                return await action()
+            except (EndpointUnavailable, ServerError) as exc:
+                self.mark_down(exc)
+
+    async def _wait_up(self) -> None:
+        since = self.down_since or clock.monotonic()
+        remaining = self.endpoint_timeout - (clock.monotonic() - since)
+        try:
+            await asyncio.wait_for(self.up.wait(), timeout=max(0.0, remaining))
+        except TimeoutError:
+            raise EndpointGone(
+                f"{self.name} has been unreachable for over {self.endpoint_timeout:.0f} s",
+                endpoint=self.name,
+            ) from None
+
+    # ---------------------------------------------------------------- prompts
+
+    async def locate(self, prompt_id: str) -> PromptLocation:
+        return await self.call(lambda: self.client.locate(prompt_id))
+
+    async def reconcile(self, watch: PromptWatch, *, after_silence: bool = False) -> None:
+        """Ask the server where one prompt stands (/queue first, then /history)."""
+        location = await self.locate(watch.prompt_id)
+        missed_end = self.tracker.reconciled(
+            watch, location.entry, running=location.running, pending=location.pending
+        )
+        # A running prompt that sent nothing for a whole silence period, or an end the socket
+        # never reported, means the socket went deaf (PROTOCOL §8.6): open a fresh one.
+        if after_silence and (missed_end or location.running):
+            log.info("%s: socket seems deaf; reconnecting", self.name)
+            await self.stream.reconnect()
+
+    async def reconcile_all(self) -> None:
+        for watch in self.tracker.watches():
+            if not watch.accepted or watch.finished:
+                continue
+            try:
+                await self.reconcile(watch)
+            except EndpointError as exc:
+                log.info("%s: reconcile of %s failed: %s", self.name, watch.prompt_id, exc)
+                return
+
+    async def upload(
+        self,
+        *,
+        read: Callable[[], Awaitable[bytes]],
+        sha256: str,
+        filename: str,
+        known: Callable[[], Awaitable[str | None]],
+        remember: Callable[[str], Awaitable[None]],
+    ) -> str:
+        """Upload an image once per endpoint (content-addressed), returning the server's name."""
+        lock = self._upload_locks.setdefault(sha256, asyncio.Lock())
+        async with lock:
+            name = await known()
+            if name is None:
+                data = await read()
+                name = await self.call(lambda: self.client.upload_image(data, filename))
+                await remember(name)
+            return name

@@ -1,0 +1,199 @@
+"""One invocation of ``batch-runner run``: validate, ingest, resume, schedule, summarise."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from collections.abc import Iterator
+from contextlib import AsyncExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from batch_runner.config import RunSettings
+from batch_runner.errors import ConfigError, ManifestError, ManifestProblem
+from batch_runner.jobflow import JobFlow
+from batch_runner.lane import Lane
+from batch_runner.manifest import JobSpec, RowProblems, read_manifest
+from batch_runner.planning import Planner
+from batch_runner.scheduler import Scheduler
+from batch_runner.states import AttemptState, JobState
+from batch_runner.store import IngestReport, NewJob, Store
+from batch_runner.workflow import (
+    WorkflowTemplate,
+    custom_template,
+    load_api_workflow,
+    wan22_template,
+)
+
+log = logging.getLogger(__name__)
+
+RUN_KEY = "default"
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    counts: dict[JobState, int]
+    ingest: IngestReport
+    stopped: bool
+    requeued_outputs: int = 0
+    skipped_rows: list[ManifestProblem] = field(default_factory=list)
+
+    @property
+    def exit_code(self) -> int:
+        if self.stopped:
+            return 130
+        unfinished = sum(
+            n
+            for state, n in self.counts.items()
+            if state not in (JobState.SUCCEEDED, JobState.SKIPPED)
+        )
+        return 1 if unfinished else 0
+
+
+def template_for(settings: RunSettings) -> WorkflowTemplate:
+    """The built-in Wan2.2 template, or the user's API-format workflow with its bindings."""
+    if settings.workflow is not None:
+        graph = load_api_workflow(settings.workflow)
+        binds = [f"{name}={target}" for name, target in settings.bindings.items()]
+        template = custom_template(graph, binds, name=settings.workflow.name)
+    else:
+        if settings.bindings:
+            raise ConfigError("bindings apply to a custom --workflow only")
+        template = wan22_template()
+    if settings.preset is not None:
+        template = template.with_defaults(preset=settings.preset)
+    return template
+
+
+def manifest_stamp(path: Path) -> str:
+    stat = path.stat()
+    return f"{stat.st_size}:{stat.st_mtime_ns}"
+
+
+def checked_rows(path: Path, template: WorkflowTemplate) -> Iterator[JobSpec | RowProblems]:
+    """The manifest's rows, each also checked against the workflow it will render into."""
+    for item in read_manifest(path):
+        if isinstance(item, JobSpec):
+            issues = template.check_spec(item)
+            if issues:
+                problems = [ManifestProblem(str(path), item.line, None, i) for i in issues]
+                yield RowProblems(item.line, problems, item.job_id)
+                continue
+        yield item
+
+
+def check_manifest(path: Path, template: WorkflowTemplate) -> tuple[int, list[ManifestProblem]]:
+    """Read the whole manifest once; every problem is collected, nothing is sent."""
+    good = 0
+    problems: list[ManifestProblem] = []
+    for item in checked_rows(path, template):
+        if isinstance(item, RowProblems):
+            problems.extend(item.problems)
+        else:
+            good += 1
+    return good, problems
+
+
+def _rows(path: Path, template: WorkflowTemplate) -> Iterator[NewJob]:
+    for item in checked_rows(path, template):
+        if isinstance(item, JobSpec):
+            yield NewJob(item.job_id, item.line, item.to_json(), item.content_hash())
+        else:
+            key = item.job_id or f"line-{item.line}"
+            reason = "; ".join(str(p) for p in item.problems)
+            digest = hashlib.sha256(reason.encode()).hexdigest()
+            yield NewJob(key, item.line, {"invalid": reason}, digest, JobState.SKIPPED, reason)
+
+
+async def ingest(
+    store: Store, run_id: int, settings: RunSettings, template: WorkflowTemplate
+) -> tuple[IngestReport, list[ManifestProblem]]:
+    """Validate then take in the manifest, unless it is unchanged since the last full ingest."""
+    run = await store.only_run()
+    stamp = await asyncio.to_thread(manifest_stamp, settings.manifest)
+    fingerprint = template.fingerprint()
+    if run is not None and run.manifest_stamp == stamp and run.workflow_fingerprint == fingerprint:
+        return IngestReport(), []
+    _good, problems = await asyncio.to_thread(check_manifest, settings.manifest, template)
+    if problems and not settings.skip_invalid:
+        raise ManifestError(problems)
+    report = await store.ingest(
+        run_id, _rows(settings.manifest, template), rerun_changed=settings.rerun_changed
+    )
+    await store.set_run_stamps(run_id, manifest_stamp=stamp, workflow_fingerprint=fingerprint)
+    return report, problems
+
+
+async def verify_succeeded(store: Store, run_id: int) -> int:
+    """Succeeded jobs whose file is missing or altered go back to pending; returns how many."""
+    requeued = 0
+    async for job in store.succeeded(run_id):
+        reason = await asyncio.to_thread(_output_problem, job.output_path, job.output_sha256)
+        if reason is not None:
+            log.warning("job %s: %s; it will run again", job.key, reason)
+            await store.requeue_missing_output(job.id, reason)
+            requeued += 1
+    return requeued
+
+
+def _output_problem(path: str | None, sha256: str | None) -> str | None:
+    from batch_runner.outputs import sha256_file
+
+    if not path or not Path(path).is_file():
+        return f"output file {path} is missing"
+    if sha256 and sha256_file(Path(path)) != sha256:
+        return f"output file {path} does not match its recorded checksum"
+    return None
+
+
+async def run_batch(
+    settings: RunSettings,
+    template: WorkflowTemplate,
+    stopping: asyncio.Event,
+) -> RunSummary:
+    settings.output_dir.mkdir(parents=True, exist_ok=True)
+    async with AsyncExitStack() as stack:
+        store = await stack.enter_async_context(Store.open(settings.db))
+        run = await store.ensure_run(RUN_KEY, str(settings.manifest))
+        report, skipped = await ingest(store, run.id, settings, template)
+        if report.changed:
+            log.warning(
+                "%d row(s) changed since they ran and keep their earlier result "
+                "(--rerun-changed runs them again): %s",
+                len(report.changed),
+                ", ".join(report.changed[:10]),
+            )
+        if report.removed:
+            log.warning(
+                "%d row(s) are no longer in the manifest and will not run: %s",
+                len(report.removed),
+                ", ".join(report.removed[:10]),
+            )
+        await store.release_all_preparing(run.id)
+        requeued = await verify_succeeded(store, run.id)
+
+        lanes = []
+        for ep in settings.endpoints:
+            record = await store.ensure_endpoint(run.id, ep.url)
+            lane = Lane(ep, record, endpoint_timeout=settings.timeouts.endpoint)
+            stack.push_async_callback(lane.close)
+            lanes.append(lane)
+        flow = JobFlow(store, settings, Planner(template), stopping)
+        scheduler = Scheduler(store, run.id, lanes, flow, stopping)
+        for job, attempt in scheduler.adopt(await store.in_flight(run.id)):
+            # Its endpoint is not in this run's list, so nobody can ask it about the prompt.
+            reason = "its endpoint is not part of this run any more; submitting it again"
+            log.warning("job %s: %s", job.key, reason)
+            await store.attempt_failed(
+                job.id,
+                attempt.id,
+                error=reason,
+                kind="EndpointRemoved",
+                retry_at=time.time(),
+                attempt_state=AttemptState.ABANDONED,
+            )
+        await scheduler.run()
+        counts = await store.counts(run.id)
+    return RunSummary(counts, report, stopping.is_set(), requeued, skipped)

@@ -1,0 +1,118 @@
+"""Lanes, capacity and the end of a run.
+
+Each endpoint lane runs ``max_inflight`` slots. A slot claims one job at a time from the
+store and carries it to a terminal or retry state, so a faster endpoint simply comes back
+for work sooner (pull-based). With the default of two slots, one prompt runs on the GPU while
+the next is already waiting in the server's queue, and the job after that is uploaded while
+both are there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from batch_runner import clock
+from batch_runner.jobflow import JobFlow
+from batch_runner.lane import Lane
+from batch_runner.store import AttemptRecord, JobRecord, Store
+
+log = logging.getLogger(__name__)
+
+IDLE_RECHECK_S = 5.0  # an idle slot re-reads the store at least this often
+
+
+@dataclass
+class Scheduler:
+    store: Store
+    run_id: int
+    lanes: Sequence[Lane]
+    flow: JobFlow
+    stopping: asyncio.Event
+    busy: int = 0
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+    _wake: asyncio.Condition = field(default_factory=asyncio.Condition)
+    _adopted: dict[int, deque[tuple[JobRecord, AttemptRecord]]] = field(default_factory=dict)
+
+    def adopt(
+        self, in_flight: Sequence[tuple[JobRecord, AttemptRecord]]
+    ) -> list[tuple[JobRecord, AttemptRecord]]:
+        """Hand attempts found in flight at start-up to the lanes of their endpoints.
+
+        Returns those whose endpoint is not part of this run any more.
+        """
+        by_id = {lane.record.id: lane for lane in self.lanes}
+        orphans = []
+        for job, attempt in in_flight:
+            if attempt.endpoint_id in by_id:
+                self._adopted.setdefault(attempt.endpoint_id, deque()).append((job, attempt))
+            else:
+                orphans.append((job, attempt))
+        return orphans
+
+    async def run(self) -> None:
+        """Work until no job is left to claim and nothing is in flight, or until stopped."""
+        listeners = [
+            asyncio.create_task(lane.listen(), name=f"{lane.name}:ws") for lane in self.lanes
+        ]
+        slots = [
+            asyncio.create_task(self._slot(lane), name=f"{lane.name}:slot{n}")
+            for lane in self.lanes
+            for n in range(lane.settings.max_inflight)
+        ]
+        try:
+            await asyncio.gather(*slots)
+        finally:
+            for task in slots + listeners:
+                task.cancel()
+            await asyncio.gather(*slots, *listeners, return_exceptions=True)
+
+    async def nudge(self) -> None:
+        async with self._wake:
+            self._wake.notify_all()
+
+    async def _slot(self, lane: Lane) -> None:
+        adopted = self._adopted.get(lane.record.id, deque())
+        while not self.done.is_set():
+            if adopted:
+                job, attempt = adopted.popleft()
+                await self._work(self.flow.resume(job, attempt, lane))
+                continue
+            if self.stopping.is_set():
+                return
+            if not lane.healthy:
+                await self._idle(IDLE_RECHECK_S)
+                continue
+            claimed = await self.store.claim(self.run_id, lane.record.id)
+            if claimed:
+                await self._work(self.flow.run_claimed(claimed[0], lane))
+                continue
+            claimable, next_due = await self.store.has_claimable(self.run_id)
+            if not claimable and next_due is None and self.busy == 0 and not self._any_adopted():
+                self.done.set()
+                await self.nudge()
+                return
+            wait = IDLE_RECHECK_S
+            if next_due is not None:
+                wait = min(wait, max(0.05, next_due - clock.now().timestamp()))
+            await self._idle(wait)
+
+    async def _work(self, job_coro: object) -> None:
+        self.busy += 1
+        try:
+            await job_coro  # type: ignore[misc]
+        finally:
+            self.busy -= 1
+            await self.nudge()
+
+    async def _idle(self, seconds: float) -> None:
+        async with self._wake:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), seconds)
+
+    def _any_adopted(self) -> bool:
+        return any(self._adopted.values())
