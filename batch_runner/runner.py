@@ -181,7 +181,7 @@ async def run_batch(
             stack.push_async_callback(lane.close)
             lanes.append(lane)
         flow = JobFlow(store, settings, Planner(template), stopping)
-        scheduler = Scheduler(store, run.id, lanes, flow, stopping)
+        scheduler = Scheduler(store, run.id, lanes, flow, stopping, settings.timeouts.grace)
         for job, attempt in scheduler.adopt(await store.in_flight(run.id)):
             # Its endpoint is not in this run's list, so nobody can ask it about the prompt.
             reason = "its endpoint is not part of this run any more; submitting it again"

@@ -33,6 +33,7 @@ class Scheduler:
     lanes: Sequence[Lane]
     flow: JobFlow
     stopping: asyncio.Event
+    grace: float = 3600.0
     busy: int = 0
     done: asyncio.Event = field(default_factory=asyncio.Event)
     _wake: asyncio.Condition = field(default_factory=asyncio.Condition)
@@ -64,12 +65,38 @@ class Scheduler:
             for lane in self.lanes
             for n in range(lane.settings.max_inflight)
         ]
+        watchdog = asyncio.create_task(self._on_stop(slots), name="stop-watch")
         try:
-            await asyncio.gather(*slots)
+            # A slot that fails is a bug: stop the run with it rather than limp on. Slots
+            # cancelled at the end of the grace period are expected.
+            finished, _ = await asyncio.wait(slots, return_when=asyncio.FIRST_EXCEPTION)
+            for task in finished:
+                if not task.cancelled() and task.exception() is not None:
+                    raise task.exception()  # type: ignore[misc]
         finally:
-            for task in slots + listeners:
+            for task in [*slots, *listeners, watchdog]:
                 task.cancel()
-            await asyncio.gather(*slots, *listeners, return_exceptions=True)
+            await asyncio.gather(*slots, *listeners, watchdog, return_exceptions=True)
+
+    async def _on_stop(self, slots: Sequence[asyncio.Task[None]]) -> None:
+        """After a stop request: claim nothing more, say what we wait for, and cut the wait
+        short after the grace period (the store then holds the in-flight state to resume)."""
+        await self.stopping.wait()
+        await self.nudge()
+        waiting = [
+            f"{watch.job_key} on {lane.name}"
+            for lane in self.lanes
+            for watch in lane.tracker.watches()
+        ]
+        if waiting:
+            log.warning(
+                "stopping: waiting up to %.0f s for %d prompt(s) in flight: %s",
+                self.grace, len(waiting), ", ".join(waiting[:20]),
+            )
+        await asyncio.sleep(self.grace)
+        log.warning("grace period over; leaving the rest in flight for the next run to adopt")
+        for task in slots:
+            task.cancel()
 
     async def nudge(self) -> None:
         async with self._wake:
