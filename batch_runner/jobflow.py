@@ -23,6 +23,7 @@ from batch_runner.errors import (
     BatchRunnerError,
     DownloadIncomplete,
     EndpointError,
+    EndpointUnavailable,
     ExecutionInterrupted,
     InputError,
     PermanentError,
@@ -63,9 +64,15 @@ class JobFlow:
                 job.id, error=_one_line(exc), kind=_kind(exc), retry_at=None
             )
             return
+        except EndpointUnavailable as exc:
+            # Nothing reached the GPU: the job goes straight back for a healthy endpoint to
+            # take, and this does not use up one of its attempts.
+            await self.store.preparation_failed(
+                job.id, error=_one_line(exc), kind=_kind(exc), retry_at=clock.now().timestamp(),
+                endpoint_id=lane.record.id, count_attempt=False,
+            )
+            return
         except TransientError as exc:
-            if isinstance(exc, EndpointGone):
-                lane.mark_down(exc)
             await self._prep_retry(job, lane, exc)
             return
         if self.stopping.is_set():
@@ -133,11 +140,12 @@ class JobFlow:
             await self._abandon(job, attempt, lane, exc)
             return
         except WorkflowRejected as exc:
+            error: EndpointError = exc
             if "Invalid image file" in str(exc):
                 # The server lost the input image we uploaded earlier (restart, cleanup).
                 await self.store.forget_uploads(lane.record.id)
-                exc = StaleUpload(str(exc), endpoint=lane.name)  # type: ignore[assignment]
-            await self._attempt_error(job, attempt, lane, exc)
+                error = StaleUpload(str(exc), endpoint=lane.name)
+            await self._attempt_error(job, attempt, lane, error)
             return
         except (TransientError, PermanentError) as exc:
             await self._attempt_error(job, attempt, lane, exc)

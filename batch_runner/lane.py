@@ -59,6 +59,7 @@ class Lane:
         self.last_error: str | None = None
         self.done_count = 0
         self.ws_connected = False
+        self.ws_ready = asyncio.Event()
         self._probe: asyncio.Task[None] | None = None
         self._upload_locks: dict[str, asyncio.Lock] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -78,6 +79,7 @@ class Lane:
         async for event in self.stream.events():
             if isinstance(event, ev.Connected):
                 self.ws_connected = True
+                self.ws_ready.set()
                 self._spawn(self.reconcile_all(), "reconcile")
             elif isinstance(event, ev.Disconnected):
                 self.ws_connected = False
@@ -112,6 +114,15 @@ class Lane:
         self.down_since = clock.monotonic()
         self._probe = asyncio.ensure_future(self._probe_until_up())
 
+    async def check(self) -> bool:
+        """One health probe at start-up; an endpoint that does not answer is marked down."""
+        try:
+            await self.client.system_stats()
+        except EndpointError as exc:
+            self.mark_down(exc)
+            return False
+        return True
+
     async def _probe_until_up(self) -> None:
         delay = 0.5
         while True:
@@ -127,16 +138,33 @@ class Lane:
             await self.stream.reconnect()
             return
 
-    async def call(self, action: Callable[[], Awaitable[T]]) -> T:
-        """Run ``action``; while the endpoint is unreachable, wait for it, up to the endpoint
-        timeout counted from when it went down, then raise :class:`EndpointGone`."""
+    async def call(
+        self, action: Callable[[], Awaitable[T]], *, wait: bool = True, tries: int = 3
+    ) -> T:
+        """Run ``action`` against the endpoint.
+
+        A server error is retried a few times with backoff. An unreachable endpoint is marked
+        down; with ``wait`` the call then waits for it to come back, up to the endpoint
+        timeout counted from when it went down (then :class:`EndpointGone`), without ``wait``
+        it raises at once so the caller can move the work elsewhere.
+        """
+        failures = 0
         while True:
             if not self.up.is_set():
+                if not wait:
+                    raise EndpointUnavailable(f"{self.name} is down", endpoint=self.name)
                 await self._wait_up()
             try:
                 return await action()
-            except (EndpointUnavailable, ServerError) as exc:
+            except EndpointUnavailable as exc:
                 self.mark_down(exc)
+                if not wait:
+                    raise
+            except ServerError:
+                failures += 1
+                if failures >= tries:
+                    raise
+                await asyncio.sleep(0.2 * 2**failures * random.uniform(0.5, 1.5))
 
     async def _wait_up(self) -> None:
         since = self.down_since or clock.monotonic()
@@ -186,11 +214,18 @@ class Lane:
         remember: Callable[[str], Awaitable[None]],
     ) -> str:
         """Upload an image once per endpoint (content-addressed), returning the server's name."""
+        # One upload per image even when several jobs of this endpoint need it at once.
         lock = self._upload_locks.setdefault(sha256, asyncio.Lock())
-        async with lock:
-            name = await known()
-            if name is None:
-                data = await read()
-                name = await self.call(lambda: self.client.upload_image(data, filename))
-                await remember(name)
-            return name
+        try:
+            async with lock:
+                name = await known()
+                if name is None:
+                    data = await read()
+                    name = await self.call(
+                        lambda: self.client.upload_image(data, filename), wait=False
+                    )
+                    await remember(name)
+                return name
+        finally:
+            if not lock.locked():
+                self._upload_locks.pop(sha256, None)

@@ -24,6 +24,7 @@ from batch_runner.store import AttemptRecord, JobRecord, Store
 log = logging.getLogger(__name__)
 
 IDLE_RECHECK_S = 5.0  # an idle slot re-reads the store at least this often
+WS_READY_WAIT_S = 5.0
 
 
 @dataclass
@@ -104,6 +105,10 @@ class Scheduler:
 
     async def _slot(self, lane: Lane) -> None:
         adopted = self._adopted.get(lane.record.id, deque())
+        # Messages of a prompt can arrive within milliseconds of submitting it: give the
+        # socket a moment to open first (reconciliation covers what it still misses).
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(lane.ws_ready.wait(), WS_READY_WAIT_S)
         while not self.done.is_set():
             if adopted:
                 job, attempt = adopted.popleft()

@@ -676,13 +676,18 @@ class Store:
         kind: str,
         retry_at: float | None,
         endpoint_id: int | None = None,
+        count_attempt: bool = True,
     ) -> JobState:
-        """A claimed job could not be prepared (upload, render); nothing reached the GPU."""
+        """A claimed job could not be prepared (upload, render); nothing reached the GPU.
+
+        It counts as an attempt, so a job whose upload keeps failing still runs out of tries,
+        unless the endpoint itself was unreachable (``count_attempt=False``).
+        """
         async with self._tx() as conn:
-            # Counts as an attempt, so a job whose upload keeps failing still runs out of tries.
-            await conn.execute(
-                update(jobs).where(jobs.c.id == job_id).values(attempts=jobs.c.attempts + 1)
-            )
+            if count_attempt:
+                await conn.execute(
+                    update(jobs).where(jobs.c.id == job_id).values(attempts=jobs.c.attempts + 1)
+                )
             return await self._fail(
                 conn, job_id, (JobState.PREPARING,), error, kind, retry_at, endpoint_id, None
             )
