@@ -20,7 +20,7 @@ from typing import Any
 from sqlalchemy import Select, and_, column, func, insert, or_, select, table, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from batch_runner import clock
+from batch_runner import clock, crashpoints
 from batch_runner.errors import TransitionRejected
 from batch_runner.states import ATTEMPT_OPEN, IN_FLIGHT, TERMINAL, AttemptState, JobState
 from batch_runner.store import engine as engine_mod
@@ -95,8 +95,10 @@ class Store:
 
     @asynccontextmanager
     async def _tx(self) -> AsyncIterator[AsyncConnection]:
-        async with self._lock, self._engine.begin() as conn:
-            yield conn
+        async with self._lock:
+            async with self._engine.begin() as conn:
+                yield conn
+            crashpoints.reached("commit")
 
     # ---------------------------------------------------------------- runs and endpoints
 
