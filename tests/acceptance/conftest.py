@@ -20,15 +20,25 @@ ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "200"}
 
 def cli(*args: str, cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [*CLI, *args], cwd=cwd, env=ENV, capture_output=True, text=True, timeout=timeout,
+        [*CLI, *args],
+        cwd=cwd,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
         stdin=subprocess.DEVNULL,
     )
 
 
 def start_cli(*args: str, cwd: Path) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [*CLI, *args], cwd=cwd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True, stdin=subprocess.DEVNULL,
+        [*CLI, *args],
+        cwd=cwd,
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        stdin=subprocess.DEVNULL,
     )
 
 
@@ -68,7 +78,8 @@ def emulator_url(tmp_path: Path) -> Iterator[str]:
     line = proc.stdout.readline()
     if "listening on" not in line:
         proc.kill()
-        raise AssertionError(f"emulator did not start: {line!r} {proc.stderr.read() if proc.stderr else ''}")
+        detail = proc.stderr.read() if proc.stderr else ""
+        raise AssertionError(f"emulator did not start: {line!r} {detail}")
     url = line.strip().rsplit(" ", 1)[-1]
     yield url
     proc.terminate()

@@ -41,8 +41,14 @@ def test_bad_manifest_exits_2_with_every_problem_and_no_traceback(tmp_path: Path
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     err = " ".join(result.stderr.split())
-    for where in ("bad.csv:3:image", "bad.csv:3:frames", "bad.csv:4:id", "bad.csv:4:image",
-                  "bad.csv:4:prompt", "bad.csv:4:frames"):
+    for where in (
+        "bad.csv:3:image",
+        "bad.csv:3:frames",
+        "bad.csv:4:id",
+        "bad.csv:4:image",
+        "bad.csv:4:prompt",
+        "bad.csv:4:frames",
+    ):
         assert where in err, where
     assert not (tmp_path / "outputs").exists() or not any((tmp_path / "outputs").rglob("*.mp4"))
 
@@ -57,8 +63,7 @@ def test_no_endpoint_is_a_usage_error(tmp_path: Path) -> None:
 
 def _manifest(tmp_path: Path, n: int) -> Path:
     make_image(tmp_path / "a.png", (64, 48))
-    rows = [{"id": f"k{i:02d}", "image": "a.png", "prompt": f"p{i}", "frames": 5}
-            for i in range(n)]
+    rows = [{"id": f"k{i:02d}", "image": "a.png", "prompt": f"p{i}", "frames": 5} for i in range(n)]
     return write_csv(tmp_path / "jobs.csv", rows)
 
 

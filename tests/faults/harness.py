@@ -61,8 +61,13 @@ def _env(extra: dict[str, str] | None = None) -> dict[str, str]:
 def emulator(workdir: Path, args: Sequence[str]) -> Iterator[str]:
     """A `batch-runner emulate` process on a free port; yields its URL."""
     proc = subprocess.Popen(
-        [*CLI, "emulate", "--port", "0", *args], cwd=workdir, env=_env(),
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, stdin=subprocess.DEVNULL,
+        [*CLI, "emulate", "--port", "0", *args],
+        cwd=workdir,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        stdin=subprocess.DEVNULL,
     )
     try:
         assert proc.stdout is not None
@@ -89,21 +94,28 @@ def make_batch(workdir: Path, jobs: int) -> Path:
     make_image(workdir / "a.png", (64, 48))
     make_image(workdir / "b.png", (48, 64), "red")
     rows = [
-        {"id": f"t{i:02d}", "image": "a.png" if i % 2 else "b.png", "prompt": f"p{i}",
-         "frames": 5}
+        {"id": f"t{i:02d}", "image": "a.png" if i % 2 else "b.png", "prompt": f"p{i}", "frames": 5}
         for i in range(jobs)
     ]
     return write_csv(workdir / "jobs.csv", rows)
 
 
 def run_cli(
-    workdir: Path, url: str, *, crash_at: str | None = None, timeout: float = 120,
+    workdir: Path,
+    url: str,
+    *,
+    crash_at: str | None = None,
+    timeout: float = 120,
     extra: Sequence[str] = (),
 ) -> int:
     env = _env({"BATCH_RUNNER_CRASH_AT": crash_at} if crash_at else None)
     result = subprocess.run(
         [*CLI, "run", "jobs.csv", "--endpoint", url, "--max-attempts", "10", *extra],
-        cwd=workdir, env=env, capture_output=True, text=True, timeout=timeout,
+        cwd=workdir,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
         stdin=subprocess.DEVNULL,
     )
     return result.returncode
@@ -148,19 +160,30 @@ def one_trial(workdir: Path, rng: random.Random, jobs: int = 4) -> Tally:
     workdir.mkdir(parents=True)
     make_batch(workdir, jobs)
     knobs = [
-        "--seed", str(rng.randrange(1 << 30)), "--step-ms", str(rng.choice([2, 10, 25])),
-        "--video-max-side", "32",
-        "--http-5xx-rate", str(rng.choice([0, 0, 0.05])),
-        "--ws-drop-rate", str(rng.choice([0, 0, 0.02])),
-        "--execution-error-rate", str(rng.choice([0, 0, 0.1])),
-        "--truncate-view-rate", str(rng.choice([0, 0, 0.1])),
+        "--seed",
+        str(rng.randrange(1 << 30)),
+        "--step-ms",
+        str(rng.choice([2, 10, 25])),
+        "--video-max-side",
+        "32",
+        "--http-5xx-rate",
+        str(rng.choice([0, 0, 0.05])),
+        "--ws-drop-rate",
+        str(rng.choice([0, 0, 0.02])),
+        "--execution-error-rate",
+        str(rng.choice([0, 0, 0.1])),
+        "--truncate-view-rate",
+        str(rng.choice([0, 0, 0.1])),
     ]
     with emulator(workdir, knobs) as url:
         kind = rng.choice(["commit", "http", "signal"])
         if kind == "signal":
             proc = subprocess.Popen(
                 [*CLI, "run", "jobs.csv", "--endpoint", url, "--max-attempts", "10"],
-                cwd=workdir, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                cwd=workdir,
+                env=_env(),
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
                 stdin=subprocess.DEVNULL,
             )
             time.sleep(rng.uniform(0.3, 3.0))  # the kill moment is the random variable here

@@ -62,6 +62,9 @@ def test_random_fault_trials(tmp_path: Path) -> None:
 def test_harness_reports_one_line(tmp_path: Path) -> None:
     result = subprocess.run(
         ["python", "-m", "tests.faults.harness", "--trials", "1", "--budget", "60"],
-        cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True, timeout=180,
+        cwd=Path(__file__).resolve().parents[2],
+        capture_output=True,
+        text=True,
+        timeout=180,
     )
     assert result.stdout.strip().startswith("trials=1 lost=0 duplicated=0 corrupt=0 unfinished=0")

@@ -125,8 +125,12 @@ async def test_custom_workflow_with_bindings(tmp_path: Path) -> None:
         "3": {"class_type": "CreateVideo", "inputs": {"images": ["2", 0], "fps": 16}},
         "4": {
             "class_type": "SaveVideo",
-            "inputs": {"video": ["3", 0], "filename_prefix": "video/custom",
-                       "format": "auto", "codec": "auto"},
+            "inputs": {
+                "video": ["3", 0],
+                "filename_prefix": "video/custom",
+                "format": "auto",
+                "codec": "auto",
+            },
         },
     }
     workflow = tmp_path / "graph.json"
@@ -141,7 +145,9 @@ async def test_custom_workflow_with_bindings(tmp_path: Path) -> None:
     async with AsyncExitStack() as stack:
         [emulator] = await start(stack, FAST)
         settings = settings_for(
-            manifest, [emulator.url], workflow=workflow,
+            manifest,
+            [emulator.url],
+            workflow=workflow,
             bindings={"frames": "2.amount", "fps": "3.fps"},
         )
         summary = await run(settings)
@@ -152,8 +158,9 @@ async def test_custom_workflow_with_bindings(tmp_path: Path) -> None:
 
 async def test_capacity_respected_and_faster_endpoint_does_more(tmp_path: Path) -> None:
     make_image(tmp_path / "a.png", (64, 64))
-    rows = [{"id": f"j{i:02d}", "image": "a.png", "prompt": f"p{i}", "frames": 5}
-            for i in range(16)]
+    rows = [
+        {"id": f"j{i:02d}", "image": "a.png", "prompt": f"p{i}", "frames": 5} for i in range(16)
+    ]
     manifest = write_csv(tmp_path / "jobs.csv", rows)
     slow = EmulatorConfig(step_ms=10.0, speed=1.0, video_max_side=32)
     fast = EmulatorConfig(step_ms=10.0, speed=5.0, video_max_side=32)
@@ -170,7 +177,8 @@ async def test_capacity_respected_and_faster_endpoint_does_more(tmp_path: Path) 
     for url in per_endpoint:
         spans = sorted(
             (float(r["submitted_at"]), float(r["finished_at"]))
-            for r in rows_out if r["endpoint"] == url
+            for r in rows_out
+            if r["endpoint"] == url
         )
         for start_at, _ in spans:
             overlapping = sum(1 for s, f in spans if s <= start_at < f)
