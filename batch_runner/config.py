@@ -201,10 +201,14 @@ def build_settings(
         silence=float(file_cfg.get("silence_timeout", DEFAULT_SILENCE_TIMEOUT_S)),
         endpoint=float(file_cfg.get("endpoint_timeout", DEFAULT_ENDPOINT_TIMEOUT_S)),
     )
+    manifest = manifest.absolute()
     return RunSettings(
         manifest=manifest,
-        db=db or file_path("db") or default_db(manifest),
-        output_dir=output_dir or file_path("output_dir") or default_output_dir(manifest),
+        # Absolute, so stored output paths and exports mean the same from any directory.
+        db=(db or file_path("db") or default_db(manifest)).absolute(),
+        output_dir=(
+            output_dir or file_path("output_dir") or default_output_dir(manifest)
+        ).absolute(),
         endpoints=tuple(eps),
         workflow=workflow or file_path("workflow"),
         bindings=bindings,

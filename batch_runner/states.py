@@ -19,7 +19,7 @@ from enum import StrEnum
 class JobState(StrEnum):
     PENDING = "pending"  #: waiting to be claimed by an endpoint lane
     PREPARING = "preparing"  #: claimed; uploading the image and rendering the graph
-    SUBMITTED = "submitted"  #: attempt committed with its prompt_id; POST /prompt sent or about to be
+    SUBMITTED = "submitted"  #: attempt and prompt_id committed; POST /prompt sent or due
     RUNNING = "running"  #: the server reported it started the prompt
     FETCHING = "fetching"  #: finished on the server; downloading and verifying the output
     RETRY_WAIT = "retry_wait"  #: a transient failure; eligible again after ``next_eligible_at``
@@ -44,12 +44,22 @@ _NON_FINAL = frozenset(JobState) - TERMINAL
 TRANSITIONS: dict[JobState, frozenset[JobState]] = {
     JobState.PENDING: frozenset({JobState.PREPARING, JobState.CANCELLED, JobState.SKIPPED}),
     JobState.PREPARING: frozenset(
-        {JobState.SUBMITTED, JobState.RETRY_WAIT, JobState.FAILED, JobState.PENDING,
-         JobState.CANCELLED}
+        {
+            JobState.SUBMITTED,
+            JobState.RETRY_WAIT,
+            JobState.FAILED,
+            JobState.PENDING,
+            JobState.CANCELLED,
+        }
     ),
     JobState.SUBMITTED: frozenset(
-        {JobState.RUNNING, JobState.FETCHING, JobState.RETRY_WAIT, JobState.FAILED,
-         JobState.CANCELLED}
+        {
+            JobState.RUNNING,
+            JobState.FETCHING,
+            JobState.RETRY_WAIT,
+            JobState.FAILED,
+            JobState.CANCELLED,
+        }
     ),
     JobState.RUNNING: frozenset(
         {JobState.FETCHING, JobState.RETRY_WAIT, JobState.FAILED, JobState.CANCELLED}

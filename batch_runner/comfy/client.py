@@ -20,6 +20,7 @@ from urllib.parse import quote
 import aiohttp
 from yarl import URL
 
+from batch_runner import crashpoints
 from batch_runner.comfy.config import DEFAULT_LIMITS, Endpoint, Limits
 from batch_runner.comfy.failures import (
     PromptRejected,
@@ -261,6 +262,7 @@ class ComfyClient:
             )
         except (aiohttp.ClientError, TimeoutError) as exc:
             self._transport_error("/view", exc)
+        crashpoints.reached("http")
         try:
             if response.status != 200:
                 await self._view_refused(response, file)
@@ -309,6 +311,7 @@ class ComfyClient:
                 status = response.status
         except (aiohttp.ClientError, TimeoutError) as exc:
             self._transport_error(path, exc)
+        crashpoints.reached("http")
         if status >= 500:
             raise ServerError(
                 f"{self.endpoint.name} answered {status} to {method} {_route(path)}: "
