@@ -2,7 +2,7 @@
 
 A manifest may hold a million rows, so it is read one record at a time and each
 row costs a few microseconds: image checks are cached per distinct path and
-duplicate detection keeps 12 bytes per row in flat arrays. Problems with the file
+duplicate detection keeps about 24 bytes per row in flat arrays. Problems with the file
 as a whole raise ``ManifestError`` before any row is read; problems with a row
 are yielded in file order as ``RowProblems`` so a caller can list them all.
 
@@ -33,9 +33,10 @@ import math
 import os
 import re
 from array import array
+from collections import deque
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
-from functools import lru_cache
+from dataclasses import dataclass
+from functools import lru_cache, partial
 from pathlib import Path
 from typing import IO, Any, Final
 
@@ -82,10 +83,25 @@ class JobSpec:
 
     def to_json(self) -> dict[str, object]:
         """Return a JSON-serialisable dict; ``from_json`` reads it back."""
-        data = asdict(self)
-        data["image"] = str(self.image)
-        data["node_inputs"] = [list(item) for item in self.node_inputs]
-        return data
+        return {
+            "job_id": self.job_id,
+            "line": self.line,
+            "image": str(self.image),
+            "prompt": self.prompt,
+            "negative_prompt": self.negative_prompt,
+            "seed": self.seed,
+            "preset": self.preset,
+            "width": self.width,
+            "height": self.height,
+            "frames": self.frames,
+            "fps": self.fps,
+            "steps": self.steps,
+            "cfg": self.cfg,
+            "shift": self.shift,
+            "switch_step": self.switch_step,
+            "output": self.output,
+            "node_inputs": [list(item) for item in self.node_inputs],
+        }
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> JobSpec:
@@ -131,8 +147,8 @@ class RowProblems:
 
 #: Longest prompt or negative prompt accepted, in characters.
 MAX_TEXT_CHARS: Final = 10_000
-#: Longest manifest line read; a longer one is reported and skipped.
-MAX_LINE_BYTES: Final = 1 << 20
+#: Longest manifest line read, in characters; a longer one is reported and skipped.
+MAX_LINE_CHARS: Final = 1 << 20
 MAX_STEPS: Final = 10_000
 #: WanImageToVideo accepts at most 16384 frames; the largest 4k+1 below that.
 MAX_FRAMES: Final = 16_381
@@ -141,42 +157,27 @@ MAX_NAME_CHARS: Final = 128
 CSV_FIELD_LIMIT: Final = csv.field_size_limit()
 
 REQUIRED_COLUMNS: Final = ("image", "prompt")
-KNOWN_COLUMNS: Final = (
-    "id",
-    "image",
-    "prompt",
-    "negative_prompt",
-    "seed",
-    "preset",
-    "width",
-    "height",
-    "frames",
-    "fps",
-    "steps",
-    "cfg",
-    "shift",
-    "switch_step",
-    "output",
-)
 _NODE_PREFIX: Final = "node."
 _NODE_HINT: Final = "node.<node id or title>.<input>"
 _NAME_RE: Final = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
-_INT_RE: Final = re.compile(r"[+-]?[0-9]+")
+_ESCAPED_BYTE_RE: Final = re.compile("[\udc80-\udcff]")
 _EXTENSIONS: Final = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
 _UTF16_BOMS: Final = (b"\xff\xfe", b"\xfe\xff")
+#: Lines kept to explain a CSV quoting error (the record's text is replayed).
+_RECENT_LINES: Final = 1024
 
 
 class _Bad(Exception):
     """A cell's value is wrong; the message is the plain-words reason."""
 
 
-# Value checks: each takes a parsed value and raises _Bad with the reason.
+# Checks take a parsed value and raise _Bad with the reason.
 
 
 def _check_name(value: str, what: str) -> None:
     if len(value) > MAX_NAME_CHARS:
         raise _Bad(f"{what} is longer than {MAX_NAME_CHARS} characters")
-    if not _NAME_RE.fullmatch(value) or value in {".", ".."}:
+    if not _NAME_RE.fullmatch(value):
         raise _Bad(
             f"{what} {value!r} may only contain letters, digits, '.', '_' and '-' "
             "and must not start with '.' (it names the output file)"
@@ -227,68 +228,87 @@ def _check_switch(value: int) -> None:
         raise _Bad(f"{value} is too large (at most {MAX_STEPS})")
 
 
-@dataclass(frozen=True, slots=True)
-class _Column:
-    kind: str  # "text", "int" or "float"
-    check: Callable[[Any], None]
-
-
-_COLUMNS: Final[dict[str, _Column]] = {
-    "id": _Column("text", lambda v: _check_name(v, "id")),
-    "image": _Column("text", lambda v: None),
-    "prompt": _Column("text", lambda v: _check_text(v, "prompt")),
-    "negative_prompt": _Column("text", lambda v: _check_text(v, "negative prompt")),
-    "seed": _Column("int", _check_seed),
-    "preset": _Column("text", _check_preset),
-    "width": _Column("int", _check_side),
-    "height": _Column("int", _check_side),
-    "frames": _Column("int", _check_frames),
-    "fps": _Column("float", lambda v: _check_positive(v, 1000)),
-    "steps": _Column("int", lambda v: _check_positive(v, MAX_STEPS)),
-    "cfg": _Column("float", lambda v: _check_positive(v, 100)),
-    "shift": _Column("float", lambda v: _check_positive(v, 100)),
-    "switch_step": _Column("int", _check_switch),
-    "output": _Column("text", lambda v: _check_name(v, "output name")),
-}
-assert tuple(_COLUMNS) == KNOWN_COLUMNS
-
-
 def _show(value: float) -> str:
     return str(int(value)) if float(value).is_integer() else str(value)
 
 
-def _canonical(data: object) -> str:
-    return json.dumps(data, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+# Converters: one per column and format, each parses and checks a value or raises _Bad.
 
 
-def parse_node_column(name: str) -> tuple[str, str] | None:
-    """Split ``node.<node>.<input>`` into ``(node, input)``; ``None`` if malformed.
-
-    The input name is after the last dot, so node titles may contain dots.
-    """
-    node, dot, input_name = name[len(_NODE_PREFIX) :].rpartition(".")
-    if not name.startswith(_NODE_PREFIX) or not dot or not node.strip() or not input_name.strip():
-        return None
-    return node.strip(), input_name.strip()
-
-
-# Converters from a CSV cell (already stripped, non-empty) to a typed value.
-
-
-def _csv_value(kind: str, text: str) -> object:
-    if kind == "text":
+def _text(check: Callable[[str], None] | None) -> tuple[Callable[[str], Any], Callable[[Any], Any]]:
+    def from_csv(text: str) -> str:
+        if check is not None:
+            check(text)
         return text
-    if kind == "int":
-        if not _INT_RE.fullmatch(text):
-            raise _Bad(f"{text!r} is not a whole number")
-        return int(text)
-    try:
-        number = float(text)
-    except ValueError:
-        raise _Bad(f"{text!r} is not a number") from None
-    if not math.isfinite(number):
-        raise _Bad(f"{text!r} is not a finite number")
-    return number
+
+    def from_json(value: Any) -> str:
+        if not isinstance(value, str):
+            raise _Bad(f"expected a string, got {_json_type(value)}")
+        return from_csv(value.strip())
+
+    return from_csv, from_json
+
+
+def _whole(check: Callable[[int], None]) -> tuple[Callable[[str], Any], Callable[[Any], Any]]:
+    def from_csv(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise _Bad(f"{text!r} is not a whole number") from None
+        check(value)
+        return value
+
+    def from_json(value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            shown = value if isinstance(value, float) else _json_type(value)
+            raise _Bad(f"expected a whole number, got {shown}")
+        check(value)
+        return value
+
+    return from_csv, from_json
+
+
+def _number(limit: float) -> tuple[Callable[[str], Any], Callable[[Any], Any]]:
+    def check(value: float, shown: object) -> float:
+        if not math.isfinite(value):
+            raise _Bad(f"{shown!r} is not a finite number")
+        _check_positive(value, limit)
+        return value
+
+    def from_csv(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise _Bad(f"{text!r} is not a number") from None
+        return check(value, text)
+
+    def from_json(value: Any) -> float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise _Bad(f"expected a number, got {_json_type(value)}")
+        return check(float(value), value)
+
+    return from_csv, from_json
+
+
+_CONVERTERS: Final[dict[str, tuple[Callable[[str], Any], Callable[[Any], Any]]]] = {
+    "id": _text(lambda v: _check_name(v, "id")),
+    "image": _text(None),
+    "prompt": _text(lambda v: _check_text(v, "prompt")),
+    "negative_prompt": _text(lambda v: _check_text(v, "negative prompt")),
+    "seed": _whole(_check_seed),
+    "preset": _text(_check_preset),
+    "width": _whole(_check_side),
+    "height": _whole(_check_side),
+    "frames": _whole(_check_frames),
+    "fps": _number(1000),
+    "steps": _whole(lambda v: _check_positive(v, MAX_STEPS)),
+    "cfg": _number(100),
+    "shift": _number(100),
+    "switch_step": _whole(_check_switch),
+    "output": _text(lambda v: _check_name(v, "output name")),
+}
+KNOWN_COLUMNS: Final = tuple(_CONVERTERS)
+_SPEC_COLUMNS: Final = frozenset(KNOWN_COLUMNS) - {"id", "image", "prompt"}
 
 
 def _json_type(value: object) -> str:
@@ -303,39 +323,39 @@ def _json_type(value: object) -> str:
     return "a list" if isinstance(value, list) else "an object"
 
 
-def _json_value(kind: str, value: object) -> object:
-    if kind == "text":
-        if not isinstance(value, str):
-            raise _Bad(f"expected a string, got {_json_type(value)}")
-        return value.strip()
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        expected = "a whole number" if kind == "int" else "a number"
-        raise _Bad(f"expected {expected}, got {_json_type(value)}")
-    if not math.isfinite(value):
-        raise _Bad(f"{value} is not a finite number")
-    if kind == "int":
-        if not isinstance(value, int):
-            raise _Bad(f"expected a whole number, got {value}")
-        return value
-    return float(value)
+def _canonical(data: object) -> str:
+    return json.dumps(data, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+
+
+def parse_node_column(name: str) -> tuple[str, str] | None:
+    """Split ``node.<node>.<input>`` into ``(node, input)``; ``None`` if malformed.
+
+    The input name is after the last dot, so node titles may contain dots.
+    """
+    if not name.startswith(_NODE_PREFIX):
+        return None
+    node, dot, input_name = name[len(_NODE_PREFIX) :].rpartition(".")
+    if not dot or not node.strip() or not input_name.strip():
+        return None
+    return node.strip(), input_name.strip()
 
 
 # ----------------------------------------------------------------------------- duplicate detection
 
 
 class _SeenTable:
-    """Set of strings → the line that first used each, in ~12 bytes per entry.
+    """Set of strings → the line that first used each, in ~24 bytes per entry.
 
-    Open addressing over two flat arrays of 64-bit string hashes and line numbers;
-    a Python dict of the strings themselves would cost ~150 bytes per row. Two
-    different strings with the same 64-bit hash (odds ~1e-8 at a million rows)
-    would be reported as duplicates.
+    Open addressing over flat arrays of 64-bit string hashes and line numbers (kept at
+    most half full); a dict of the strings would cost ~150 bytes per row. Two different
+    strings with the same 64-bit hash (odds ~1e-8 at a million rows) would be reported
+    as duplicates.
     """
 
     def __init__(self) -> None:
         self._hashes = array("q", [0]) * 1024
         self._lines = array("I", [0]) * 1024
-        self._count = 0
+        self._free = 512
 
     def add(self, key: str, line: int) -> int | None:
         """Record ``key`` at ``line``; return the earlier line if it was already there."""
@@ -344,33 +364,33 @@ class _SeenTable:
         hashes = self._hashes
         mask = len(hashes) - 1
         slot = wanted & mask
-        while True:
-            found = hashes[slot]
+        found = hashes[slot]
+        while found:
             if found == wanted:
                 return self._lines[slot]
-            if found == 0:
-                break
             slot = (slot + 1) & mask
+            found = hashes[slot]
         hashes[slot] = wanted
         self._lines[slot] = line
-        self._count += 1
-        if self._count * 2 > len(hashes):
+        self._free -= 1
+        if not self._free:
             self._grow()
         return None
 
     def _grow(self) -> None:
         old = zip(self._hashes, self._lines, strict=True)
         size = len(self._hashes) * 2
-        self._hashes = array("q", [0]) * size
-        self._lines = array("I", [0]) * size
+        hashes = self._hashes = array("q", [0]) * size
+        lines = self._lines = array("I", [0]) * size
+        self._free = size // 4
         mask = size - 1
         for wanted, line in old:
             if wanted:
                 slot = wanted & mask
-                while self._hashes[slot]:
+                while hashes[slot]:
                     slot = (slot + 1) & mask
-                self._hashes[slot] = wanted
-                self._lines[slot] = line
+                hashes[slot] = wanted
+                lines[slot] = line
 
 
 # ----------------------------------------------------------------------------- public entry points
@@ -381,11 +401,12 @@ def read_manifest(path: Path, *, check_images: bool = True) -> Iterator[JobSpec 
 
     The format follows the extension: ``.csv`` (header row required), ``.jsonl`` or
     ``.ndjson`` (one JSON object per line). Blank lines are skipped. Problems with
-    the file itself (missing, empty, not UTF-8, header without ``image``/``prompt``,
-    unknown columns) raise ``ManifestError`` from this call, before any row.
+    the file itself (missing, empty, not UTF-8 at the start, header without
+    ``image``/``prompt``, unknown columns) raise ``ManifestError`` from this call,
+    before any row; bad bytes further down are reported on their row.
 
     With ``check_images``, each distinct image is opened with Pillow and verified
-    in the calling thread; run the iteration in a worker thread if that matters.
+    in the calling thread; iterate in a worker thread if that matters.
     """
     display = str(path)
     fmt = _EXTENSIONS.get(path.suffix.lower())
@@ -396,7 +417,7 @@ def read_manifest(path: Path, *, check_images: bool = True) -> Iterator[JobSpec 
     _check_file(path, display)
     reader = _RowReader(path, display, check_images)
     if fmt == "csv":
-        with path.open("rb") as handle:
+        with _open_text(path) as handle:
             columns = _csv_header(handle, display)
         return reader.csv_rows(columns)
     _check_jsonl_start(path, display)
@@ -421,6 +442,43 @@ def validate_manifest(
     except ManifestError as exc:
         return 0, exc.problems
     return good, problems
+
+
+# ----------------------------------------------------------------------------- reading text
+
+
+def _open_text(path: Path) -> IO[str]:
+    # surrogateescape keeps going past bytes that are not UTF-8 (each becomes U+DC80..U+DCFF),
+    # so they can be reported on their row instead of failing the whole file.
+    return path.open(encoding="utf-8-sig", errors="surrogateescape", newline="")
+
+
+def _bounded_lines(handle: IO[str], recent: deque[str], long_lines: list[int]) -> Iterator[str]:
+    """The file's lines, each at most MAX_LINE_CHARS; longer ones are noted and replaced."""
+    readline = handle.readline
+    for number, line in enumerate(iter(partial(readline, MAX_LINE_CHARS), ""), start=1):
+        if len(line) == MAX_LINE_CHARS and not line.endswith("\n"):
+            while (rest := readline(MAX_LINE_CHARS)) and not rest.endswith("\n"):
+                pass
+            long_lines.append(number)
+            line = "\n"
+        recent.append(line)
+        yield line
+
+
+def _encoding_reason(text: str) -> str | None:
+    """Why ``text`` (decoded with surrogateescape) is not clean UTF-8 text, or None."""
+    bad = _ESCAPED_BYTE_RE.search(text)
+    if bad is not None:
+        byte = ord(bad.group()) - 0xDC00
+        return f"not valid UTF-8 (byte 0x{byte:02X}); save the manifest as UTF-8"
+    if "\x00" in text:
+        return "contains a NUL byte (is this a binary file?)"
+    return None
+
+
+def _long_line_reason() -> str:
+    return f"line is longer than {MAX_LINE_CHARS:,} characters"
 
 
 # ----------------------------------------------------------------------------- file-level checks
@@ -451,132 +509,77 @@ def _check_file(path: Path, display: str) -> None:
         raise ManifestError([_file_problem(display, "file is UTF-16; save it as UTF-8", line=1)])
 
 
-def _decode_line(raw: bytes, number: int) -> tuple[str, str | None]:
-    """Decode one line as UTF-8; return the text and, if it was not valid, the reason."""
-    try:
-        text = raw.decode("utf-8")
-        reason = None
-    except UnicodeDecodeError as exc:
-        text = raw.decode("utf-8", errors="replace")
-        reason = (
-            f"not valid UTF-8 (byte 0x{raw[exc.start]:02X} at byte {exc.start + 1} of the line); "
-            "save the manifest as UTF-8"
-        )
-    if number == 1 and text.startswith("\ufeff"):
-        text = text[1:]
-    return text, reason
-
-
-def _csv_header(handle: IO[bytes], display: str) -> list[str]:
+def _csv_header(handle: IO[str], display: str) -> list[str]:
     """Read and check the header row; return the column names."""
-    lines = _LineSource(handle)
+    long_lines: list[int] = []
+    lines = _bounded_lines(handle, deque(maxlen=1), long_lines)
     try:
-        header = next(csv.reader(lines, strict=True))
-    except StopIteration:
-        header = []
+        header = next(csv.reader(lines, strict=True), [])
     except csv.Error as exc:
-        raise ManifestError(
-            [_file_problem(display, f"header: {_csv_error_reason(str(exc))}", line=1)]
-        ) from None
-    if lines.bad:
-        line, (reason, _) = next(iter(lines.bad.items()))
-        raise ManifestError([_file_problem(display, reason, line=line)])
+        reason = f"header: {_csv_error_reason(str(exc))}"
+        raise ManifestError([_file_problem(display, reason, line=1)]) from None
+    damage = _long_line_reason() if long_lines else _encoding_reason("".join(header))
+    if damage is not None:
+        raise ManifestError([_file_problem(display, f"header: {damage}", line=1)])
     columns = [name.strip() for name in header]
     if not any(columns):
-        raise ManifestError(
-            [_file_problem(display, "the first line must be a header naming the columns", line=1)]
-        )
-    return _check_columns(columns, display)
+        reason = "the first line must be a header naming the columns"
+        raise ManifestError([_file_problem(display, reason, line=1)])
+    _check_columns(columns, display)
+    return columns
 
 
-def _check_columns(columns: list[str], display: str) -> list[str]:
-    problems: list[ManifestProblem] = []
-    if not any(c in _COLUMNS or c.startswith(_NODE_PREFIX) for c in columns):
+def _check_columns(columns: list[str], display: str) -> None:
+    if not any(c in _CONVERTERS or c.startswith(_NODE_PREFIX) for c in columns):
         sample = ",".join(columns)[:80]
         reason = (
             "the first line must be a header naming the columns "
             f"(for example 'id,image,prompt'); found {sample!r}"
         )
         raise ManifestError([_file_problem(display, reason, line=1)])
+    problems: list[ManifestProblem] = []
     seen: set[str] = set()
     for index, name in enumerate(columns, start=1):
-        where = name or f"column {index}"
         if not name:
-            problems.append(_file_problem(display, f"column {index} has no name", 1, where))
+            where = f"column {index}"
+            problems.append(_file_problem(display, f"{where} has no name", 1, where))
         elif name in seen:
             problems.append(_file_problem(display, f"column {name!r} appears twice", 1, name))
         elif name.startswith(_NODE_PREFIX):
             if parse_node_column(name) is None:
-                problems.append(
-                    _file_problem(display, f"node columns are written {_NODE_HINT}", 1, name)
-                )
-        elif name not in _COLUMNS:
+                reason = f"node columns are written {_NODE_HINT}"
+                problems.append(_file_problem(display, reason, 1, name))
+        elif name not in _CONVERTERS:
             problems.append(_file_problem(display, _unknown_column(name), 1, name))
         seen.add(name)
     missing = [c for c in REQUIRED_COLUMNS if c not in seen]
     if missing:
-        problems.append(
-            _file_problem(display, f"missing required column(s): {', '.join(missing)}", 1)
-        )
+        reason = f"missing required column(s): {', '.join(missing)}"
+        problems.append(_file_problem(display, reason, 1))
     if problems:
         raise ManifestError(problems)
-    return columns
 
 
 def _unknown_column(name: str) -> str:
     close = difflib.get_close_matches(name.lower(), KNOWN_COLUMNS, n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
-    return f"unknown column {name!r}{hint}; known columns: {', '.join(KNOWN_COLUMNS)}, {_NODE_HINT}"
+    known = ", ".join(KNOWN_COLUMNS)
+    return f"unknown column {name!r}{hint}; known columns: {known}, {_NODE_HINT}"
 
 
 def _check_jsonl_start(path: Path, display: str) -> None:
-    with path.open("rb") as handle:
-        for number, raw in enumerate(iter(lambda: handle.readline(MAX_LINE_BYTES + 1), b""), 1):
-            text, reason = _decode_line(raw, number)
+    with _open_text(path) as handle:
+        long_lines: list[int] = []
+        for number, line in enumerate(_bounded_lines(handle, deque(maxlen=1), long_lines), 1):
+            reason = _long_line_reason() if long_lines else _encoding_reason(line)
             if reason is not None:
                 raise ManifestError([_file_problem(display, reason, line=number)])
-            if text.strip():
+            if line.strip():
                 return
     raise ManifestError([_file_problem(display, "file has no rows (only blank lines)")])
 
 
-# ----------------------------------------------------------------------------- line source
-
-
-class _LineSource:
-    """Iterates a binary file as decoded text lines, noting lines that are not clean.
-
-    ``bad`` maps a line number to (reason, marker) where the marker is the character
-    that stands in for the damage in the decoded text, used to find the column.
-    """
-
-    def __init__(self, handle: IO[bytes]) -> None:
-        self._readline = handle.readline
-        self.number = 0
-        self.bad: dict[int, tuple[str, str]] = {}
-        #: Text of the lines read since the consumer last cleared it (one CSV record).
-        self.record: list[str] = []
-
-    def __iter__(self) -> Iterator[str]:
-        return self
-
-    def __next__(self) -> str:
-        raw = self._readline(MAX_LINE_BYTES + 1)
-        if not raw:
-            raise StopIteration
-        self.number += 1
-        if len(raw) > MAX_LINE_BYTES and not raw.endswith(b"\n"):
-            while (rest := self._readline(MAX_LINE_BYTES)) and not rest.endswith(b"\n"):
-                pass
-            self.bad[self.number] = (f"line is longer than {MAX_LINE_BYTES:,} bytes", "")
-            raw = b"\n"
-        text, reason = _decode_line(raw, self.number)
-        if reason is not None:
-            self.bad[self.number] = (reason, "\ufffd")
-        elif "\x00" in text:
-            self.bad[self.number] = ("contains a NUL byte (is this a binary file?)", "\x00")
-        self.record.append(text)
-        return text
+# ----------------------------------------------------------------------------- CSV quoting errors
 
 
 def _csv_error_reason(message: str) -> str:
@@ -589,8 +592,8 @@ def _csv_error_reason(message: str) -> str:
         return "broken quoting: a quoted field is never closed"
     if "field larger than field limit" in message:
         return (
-            f"a field is longer than {CSV_FIELD_LIMIT:,} characters "
-            "(often a quote that is never closed)"
+            f"a field is longer than {CSV_FIELD_LIMIT:,} characters (often a quote that is "
+            "never closed; the lines it swallowed were not checked)"
         )
     return f"broken CSV: {message}"
 
@@ -633,189 +636,172 @@ def _locate_quote_problem(text: str) -> tuple[int, int]:
 
 
 class _RowReader:
-    """Turns records into specs; holds the state shared across rows of one read."""
+    """Turns records into specs; holds the state shared across the rows of one read."""
 
     def __init__(self, path: Path, display: str, check_images: bool) -> None:
         self._path = path
         self._display = display
         self._base = os.path.abspath(path.parent)
         self._check_images = check_images
-        self._ids = _SeenTable()
-        self._stems = _SeenTable()
+        # Ids and output names share one namespace: a row's output file is named by its
+        # output name, else by its id, and file systems may ignore case.
+        self._names = _SeenTable()
         # Per read, so a file fixed between two reads is seen fresh; bounded for huge manifests.
         self._image = lru_cache(maxsize=65_536)(self._probe_image)
         self._node_columns: dict[str, tuple[str, str] | None] = {}
 
+    def _problem(self, line: int, column: str | None, reason: str) -> ManifestProblem:
+        return ManifestProblem(self._display, line, column, reason)
+
     # --- CSV
 
     def csv_rows(self, columns: list[str]) -> Iterator[JobSpec | RowProblems]:
-        with self._path.open("rb") as handle:
-            lines = _LineSource(handle)
-            reader = csv.reader(lines, strict=True)
-            next(reader)  # the header, checked already
-            lines.bad.clear()
-            lines.record.clear()
-            width = len(columns)
-            # The header is valid, so every column is either known or a node column.
-            plan = [
-                (name, _COLUMNS.get(name), parse_node_column(name) or ("", "")) for name in columns
-            ]
-            previous_end = reader.line_num
+        """Rows of a CSV file whose header was checked already."""
+        # The header is valid, so each column is either known or a node column (whose
+        # converter is never used).
+        plan = [
+            (name, _CONVERTERS.get(name, _CONVERTERS["image"])[0], parse_node_column(name))
+            for name in columns
+        ]
+        width = len(columns)
+        recent: deque[str] = deque(maxlen=_RECENT_LINES)
+        long_lines: list[int] = []
+        with _open_text(self._path) as handle:
+            reader = csv.reader(_bounded_lines(handle, recent, long_lines), strict=True)
+            next(reader)
+            end = reader.line_num
             while True:
+                start = end + 1
                 try:
                     fields = next(reader)
                 except StopIteration:
                     return
                 except csv.Error as exc:
-                    start = previous_end + 1
-                    previous_end = reader.line_num
-                    yield self._csv_error(columns, start, lines, str(exc))
+                    end = reader.line_num
+                    yield self._csv_error(columns, start, end, recent, str(exc))
+                    long_lines.clear()
                     continue
-                start = previous_end + 1
-                previous_end = reader.line_num
-                lines.record.clear()
+                end = reader.line_num
                 problems: list[ManifestProblem] = []
-                if lines.bad:
-                    problems = self._damaged_lines(lines, start, previous_end, columns, fields)
-                if not any(f.strip() for f in fields):
+                if long_lines:
+                    problems += [self._problem(n, None, _long_line_reason()) for n in long_lines]
+                    long_lines.clear()
+                joined = "".join(fields)
+                if not joined.isascii() or "\x00" in joined:
+                    problems += self._damaged_fields(start, columns, fields)
+                if len(fields) != width:
+                    if fields and joined.strip():
+                        s = "s" if len(fields) != 1 else ""
+                        reason = f"row has {len(fields)} field{s} but the header has {width}"
+                        problems.append(self._problem(start, None, reason))
                     if problems:
                         yield RowProblems(start, problems, None)
                     continue
-                if len(fields) != width:
-                    problems.append(
-                        self._problem(
-                            start,
-                            None,
-                            f"row has {len(fields)} field{'s' if len(fields) != 1 else ''} "
-                            f"but the header has {width}",
-                        )
-                    )
-                    yield RowProblems(start, problems, None)
-                    continue
                 values: dict[str, Any] = {}
                 nodes: list[tuple[str, str, object]] = []
-                for (name, column, node), cell in zip(plan, fields, strict=True):
+                for (name, convert, node), cell in zip(plan, fields, strict=True):
                     text = cell.strip()
                     if not text:
                         continue
-                    if column is None:
+                    if node is not None:
                         nodes.append((*node, text))
                         continue
                     try:
-                        value = _csv_value(column.kind, text)
-                        column.check(value)
+                        values[name] = convert(text)
                     except _Bad as bad:
                         problems.append(self._problem(start, name, str(bad)))
-                        continue
-                    values[name] = value
-                yield self._finish(start, values, nodes, problems)
+                if values or nodes or problems:
+                    yield self._finish(start, values, nodes, problems)
 
     def _csv_error(
-        self, columns: list[str], start: int, lines: _LineSource, message: str
+        self, columns: list[str], start: int, end: int, recent: deque[str], message: str
     ) -> RowProblems:
-        text = "".join(lines.record)
-        lines.record.clear()
-        lines.bad.clear()
-        field, offset = _locate_quote_problem(text)
-        line = start + text.count("\n", 0, offset)
-        column = columns[field] if field < len(columns) else None
+        count = end - start + 1
+        column = None
+        line = start
+        if count <= len(recent):
+            text = "".join(list(recent)[-count:])
+            field, offset = _locate_quote_problem(text)
+            line = start + text.count("\n", 0, offset)
+            column = columns[field] if field < len(columns) else None
         return RowProblems(line, [self._problem(line, column, _csv_error_reason(message))], None)
 
-    def _damaged_lines(
-        self, lines: _LineSource, start: int, end: int, columns: list[str], fields: list[str]
+    def _damaged_fields(
+        self, start: int, columns: list[str], fields: list[str]
     ) -> list[ManifestProblem]:
         problems = []
-        for number in range(start, end + 1):
-            damage = lines.bad.pop(number, None)
-            if damage is None:
-                continue
-            reason, marker = damage
-            column = next(
-                (c for c, f in zip(columns, fields, strict=False) if marker and marker in f), None
-            )
-            problems.append(self._problem(number, column, reason))
+        line = start
+        for column, field in zip(columns, fields, strict=False):
+            reason = _encoding_reason(field)
+            if reason is not None:
+                problems.append(self._problem(line, column, reason))
+            line += field.count("\n")
         return problems
 
     # --- JSONL
 
     def jsonl_rows(self) -> Iterator[JobSpec | RowProblems]:
-        with self._path.open("rb") as handle:
-            lines = _LineSource(handle)
-            for text in lines:
-                line = lines.number
-                lines.record.clear()
-                damage = lines.bad.pop(line, None)
-                if damage is not None:
-                    yield RowProblems(line, [self._problem(line, None, damage[0])], None)
-                    continue
-                if not text.strip():
-                    continue
-                try:
-                    record = json.loads(text)
-                except json.JSONDecodeError as exc:
-                    yield RowProblems(
-                        line,
-                        [self._problem(line, str(exc.colno), f"invalid JSON: {exc.msg}")],
-                        None,
-                    )
-                    continue
-                except RecursionError:
-                    yield RowProblems(
-                        line, [self._problem(line, None, "JSON nested too deeply")], None
-                    )
-                    continue
-                if not isinstance(record, dict):
-                    reason = f"each line must be a JSON object {{...}}, got {_json_type(record)}"
+        """Rows of a JSON Lines file: one object per line."""
+        long_lines: list[int] = []
+        with _open_text(self._path) as handle:
+            lines = _bounded_lines(handle, deque(maxlen=1), long_lines)
+            for line, text in enumerate(lines, start=1):
+                reason = None
+                if long_lines:
+                    long_lines.clear()
+                    reason = _long_line_reason()
+                elif not text.isascii() or "\x00" in text:
+                    reason = _encoding_reason(text)
+                if reason is not None:
                     yield RowProblems(line, [self._problem(line, None, reason)], None)
-                    continue
-                yield self._json_row(line, record)
+                elif text.strip():
+                    yield self._json_line(line, text)
 
-    def _json_row(self, line: int, record: dict[str, Any]) -> JobSpec | RowProblems:
+    def _json_line(self, line: int, text: str) -> JobSpec | RowProblems:
+        try:
+            record = json.loads(text)
+        except json.JSONDecodeError as exc:
+            problem = self._problem(line, str(exc.colno), f"invalid JSON: {exc.msg}")
+            return RowProblems(line, [problem], None)
+        except RecursionError:
+            return RowProblems(line, [self._problem(line, None, "JSON nested too deeply")], None)
+        if not isinstance(record, dict):
+            reason = f"each line must be a JSON object {{...}}, got {_json_type(record)}"
+            return RowProblems(line, [self._problem(line, None, reason)], None)
         values: dict[str, Any] = {}
         nodes: list[tuple[str, str, object]] = []
         problems: list[ManifestProblem] = []
         for name, raw in record.items():
-            column = _COLUMNS.get(name)
-            if column is None:
-                parsed = self._node_column(name) if name.startswith(_NODE_PREFIX) else None
-                if parsed is None:
-                    reason = (
-                        f"node keys are written {_NODE_HINT}"
-                        if name.startswith(_NODE_PREFIX)
-                        else _unknown_column(name)
-                    )
-                    problems.append(self._problem(line, name, reason))
-                elif raw is None:
+            converters = _CONVERTERS.get(name)
+            if converters is not None:
+                if raw is None:
                     continue
-                elif isinstance(raw, str | int | float):
-                    nodes.append((*parsed, raw))
-                else:
-                    problems.append(
-                        self._problem(
-                            line,
-                            name,
-                            f"a node input must be a string, number or true/false, "
-                            f"got {_json_type(raw)}",
-                        )
-                    )
-                continue
-            if raw is None:
-                continue
-            try:
-                value = _json_value(column.kind, raw)
-                if value == "":
+                try:
+                    value = converters[1](raw)
+                except _Bad as bad:
+                    problems.append(self._problem(line, name, str(bad)))
                     continue
-                column.check(value)
-            except _Bad as bad:
-                problems.append(self._problem(line, name, str(bad)))
+                if value != "":
+                    values[name] = value
                 continue
-            values[name] = value
+            node = self._node_column(name)
+            if node is None:
+                prefixed = name.startswith(_NODE_PREFIX)
+                reason = (
+                    f"node keys are written {_NODE_HINT}" if prefixed else _unknown_column(name)
+                )
+                problems.append(self._problem(line, name, reason))
+            elif isinstance(raw, str | int | float):
+                nodes.append((*node, raw))
+            elif raw is not None:
+                reason = (
+                    f"a node input must be a string, number or true/false, got {_json_type(raw)}"
+                )
+                problems.append(self._problem(line, name, reason))
         for name in REQUIRED_COLUMNS:
             if name not in record:
                 problems.append(self._problem(line, name, f"missing required key {name!r}"))
         return self._finish(line, values, nodes, problems)
-
-    # --- shared
 
     def _node_column(self, name: str) -> tuple[str, str] | None:
         try:
@@ -824,8 +810,7 @@ class _RowReader:
             parsed = self._node_columns[name] = parse_node_column(name)
             return parsed
 
-    def _problem(self, line: int, column: str | None, reason: str) -> ManifestProblem:
-        return ManifestProblem(self._display, line, column, reason)
+    # --- shared
 
     def _finish(
         self,
@@ -835,71 +820,62 @@ class _RowReader:
         problems: list[ManifestProblem],
     ) -> JobSpec | RowProblems:
         """Cross-field checks, image check, id and output uniqueness; build the spec."""
-        reported = {p.column for p in problems}
+        reported = {p.column for p in problems} if problems else ()
         prompt = values.get("prompt")
         if prompt is None and "prompt" not in reported:
             problems.append(self._problem(line, "prompt", "empty prompt"))
         image_text = values.get("image")
-        image = Path()
+        image = None
         image_key = ""
-        if image_text is None:
-            if "image" not in reported:
-                problems.append(self._problem(line, "image", "no image given"))
-        else:
+        if image_text is not None:
             image, image_key, reason = self._image(image_text)
             if reason is not None:
                 problems.append(self._problem(line, "image", reason))
-        sides = {"width", "height"}
-        if len(sides & values.keys()) == 1 and not sides & reported:
+        elif "image" not in reported:
+            problems.append(self._problem(line, "image", "no image given"))
+        if ("width" in values) != ("height" in values) and not {"width", "height"} & set(reported):
             missing = "height" if "width" in values else "width"
             problems.append(self._problem(line, missing, "width and height must be given together"))
-        steps, switch = values.get("steps"), values.get("switch_step")
-        if isinstance(steps, int) and isinstance(switch, int) and switch > steps:
-            problems.append(
-                self._problem(
-                    line, "switch_step", f"switch_step {switch} is after the last step ({steps})"
-                )
-            )
+        switch = values.get("switch_step")
+        if switch is not None and switch > values.get("steps", switch):
+            reason = f"switch_step {switch} is after the last step ({values['steps']})"
+            problems.append(self._problem(line, "switch_step", reason))
 
         explicit_id = values.get("id")
+        output = values.get("output")
         job_id = explicit_id
-        first: int | None = None
         if explicit_id is not None:
-            first = self._ids.add(explicit_id, line)
+            first = self._names.add(explicit_id.casefold(), line)
             if first is not None:
-                reason = f"duplicate id {explicit_id!r} (first used on line {first})"
+                reason = (
+                    f"id {explicit_id!r} is already used on line {first} "
+                    "(ids and output names must be unique, compared ignoring case)"
+                )
                 problems.append(self._problem(line, "id", reason))
         elif not problems:
             job_id = _derive_id(image_key, values, nodes)
-            first = self._ids.add(job_id, line)
+            first = self._names.add(job_id, line)
             if first is not None:
                 reason = (
                     f"same content as line {first}: rows without an id get one from their "
                     "content, so identical rows are duplicates (add an id column)"
                 )
                 problems.append(self._problem(line, None, reason))
-        output = values.get("output")
-        # A repeated id already explains a repeated output name taken from it.
-        stem = output if output is not None else (job_id if first is None else None)
-        if stem is not None:
-            first_stem = self._stems.add(stem.casefold(), line)
-            if first_stem is not None:
+        if output is not None and output.casefold() != (job_id or "").casefold():
+            first = self._names.add(output.casefold(), line)
+            if first is not None:
                 reason = (
-                    f"output name {stem!r} is already used on line {first_stem} "
-                    "(output names are compared ignoring case)"
+                    f"output name {output!r} is already used on line {first} "
+                    "(ids and output names must be unique, compared ignoring case)"
                 )
-                problems.append(self._problem(line, "output" if output else "id", reason))
+                problems.append(self._problem(line, "output", reason))
         if problems:
             return RowProblems(line, problems, explicit_id)
-        assert job_id is not None and prompt is not None  # otherwise a problem was recorded
-        return JobSpec(
-            job_id=job_id,
-            line=line,
-            image=image,
-            prompt=prompt,
-            node_inputs=tuple(nodes),
-            **{k: v for k, v in values.items() if k not in _SPEC_SKIP},
-        )
+        assert job_id is not None and image is not None and prompt is not None  # else a problem
+        values.pop("id", None)
+        values.pop("image")
+        values.pop("prompt")
+        return JobSpec(job_id, line, image, prompt, node_inputs=tuple(nodes), **values)
 
     def _probe_image(self, text: str) -> tuple[Path, str, str | None]:
         """Resolve an image path; return (absolute path, id key, problem or None)."""
@@ -912,9 +888,6 @@ class _RowReader:
         if not self._check_images:
             return path, key, None
         return path, key, _image_problem(path)
-
-
-_SPEC_SKIP: Final = frozenset({"id", "image", "prompt"})
 
 
 def _image_problem(path: Path) -> str | None:
@@ -937,11 +910,9 @@ def _image_problem(path: Path) -> str | None:
     return None
 
 
-def _derive_id(
-    image_key: str, values: dict[str, object], nodes: list[tuple[str, str, object]]
-) -> str:
-    """Id from the row's content, so reordering rows keeps every id."""
-    content = {k: v for k, v in values.items() if k != "image"}
-    content["image"] = image_key
-    content["node_inputs"] = nodes
-    return hashlib.sha256(_canonical(content).encode("utf-8")).hexdigest()[:16]
+def _derive_id(image_key: str, values: dict[str, Any], nodes: list[tuple[str, str, object]]) -> str:
+    """Id from the row's content (image path relative to the manifest, every other field),
+    so reordering rows keeps every id."""
+    content = [image_key, *(values.get(name) for name in KNOWN_COLUMNS[2:]), nodes]
+    text = json.dumps(content, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
