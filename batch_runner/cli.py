@@ -8,10 +8,10 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from contextlib import AsyncExitStack, suppress
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 from rich.console import Console
@@ -20,6 +20,11 @@ from rich.logging import RichHandler
 from batch_runner import __version__
 from batch_runner.config import RunSettings, build_settings, default_db
 from batch_runner.errors import BatchRunnerError, InputError, RunLocked
+
+if TYPE_CHECKING:
+    from batch_runner.lane import Lane
+    from batch_runner.runner import Monitor
+    from batch_runner.store import Store
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -236,9 +241,22 @@ async def _run(settings: RunSettings, emulate: int | None) -> int:
                 settings, endpoints=tuple(EndpointSettings(u, None, inflight) for u in urls)
             )
             log.info("started %d emulated endpoint(s): %s", emulate, ", ".join(urls))
-        summary = await run_batch(settings, template, stopping)
+        summary = await run_batch(settings, template, stopping, _progress_monitor())
     _print_summary(settings, summary)
     return summary.exit_code
+
+
+def _progress_monitor() -> Monitor | None:
+    from batch_runner.progress import report_progress
+
+    if log.getEffectiveLevel() > logging.INFO:
+        return None
+    live = stderr.is_terminal
+
+    async def monitor(store: Store, run_id: int, lanes: Sequence[Lane]) -> None:
+        await report_progress(store, run_id, lanes, stderr, live=live)
+
+    return monitor
 
 
 def _install_signal_handlers(stopping: asyncio.Event) -> None:

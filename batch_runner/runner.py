@@ -6,10 +6,11 @@ import asyncio
 import hashlib
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from batch_runner.config import RunSettings
 from batch_runner.errors import ConfigError, InputError, ManifestError, ManifestProblem
@@ -30,6 +31,9 @@ from batch_runner.workflow import (
 log = logging.getLogger(__name__)
 
 RUN_KEY = "default"
+
+#: Watches a run while it works (the progress display); cancelled when the run ends.
+Monitor = Callable[[Store, int, Sequence[Lane]], Coroutine[Any, Any, None]]
 
 
 @dataclass(frozen=True)
@@ -152,6 +156,7 @@ async def run_batch(
     settings: RunSettings,
     template: WorkflowTemplate,
     stopping: asyncio.Event,
+    monitor: Monitor | None = None,
 ) -> RunSummary:
     settings.output_dir.mkdir(parents=True, exist_ok=True)
     async with AsyncExitStack() as stack:
@@ -204,6 +209,12 @@ async def run_batch(
                 retry_at=time.time(),
                 attempt_state=AttemptState.ABANDONED,
             )
-        await scheduler.run()
+        watcher = asyncio.create_task(monitor(store, run.id, lanes)) if monitor else None
+        try:
+            await scheduler.run()
+        finally:
+            if watcher is not None:
+                watcher.cancel()
+                await asyncio.gather(watcher, return_exceptions=True)
         counts = await store.counts(run.id)
     return RunSummary(counts, report, stopping.is_set(), requeued, skipped)
