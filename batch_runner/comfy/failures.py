@@ -91,7 +91,7 @@ def summarise_rejection(body: Any) -> str:
         return "; ".join(lines)
     error = body.get("error")
     if isinstance(error, dict):
-        message = str(error.get("message") or "").strip()
+        message = str(error.get("message") or "").strip().rstrip(".")
         details = str(error.get("details") or "").strip()
         kind = str(error.get("type") or "").strip()
         text = ": ".join(p for p in (message, "" if details == message else details) if p)

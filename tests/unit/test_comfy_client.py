@@ -25,6 +25,7 @@ from batch_runner.comfy import (
     PromptState,
     UploadRejected,
 )
+from batch_runner.comfy.config import DEFAULT_LIMITS
 from batch_runner.errors import (
     EndpointUnavailable,
     OutputRejected,
@@ -81,7 +82,7 @@ async def serve() -> AsyncIterator[Callable[[dict[tuple[str, str], Handler]], Aw
     clients: list[ComfyClient] = []
 
     async def start(
-        routes: dict[tuple[str, str], Handler], *, limits: Limits = Limits()
+        routes: dict[tuple[str, str], Handler], *, limits: Limits = DEFAULT_LIMITS
     ) -> tuple[ComfyClient, Recorder]:
         recorder = Recorder()
         app = web.Application(middlewares=[recorder.middleware])
@@ -128,7 +129,7 @@ async def test_submit_sends_our_ids_and_returns_number(serve: Any) -> None:
     graph = {"1": {"class_type": "LoadImage", "inputs": {"image": "a.png"}}}
     number = await client.submit(graph, prompt_id="p-1", client_id="c-1")
     assert number == 7
-    method, path, headers, body = recorder.requests[0]
+    _, _, headers, body = recorder.requests[0]
     assert json.loads(body) == {"prompt": graph, "client_id": "c-1", "prompt_id": "p-1"}
     assert headers["Authorization"] == f"Bearer {TOKEN}"
     assert "Origin" not in headers
@@ -209,7 +210,9 @@ async def test_submit_refuses_a_server_that_renames_the_prompt(serve: Any) -> No
 def _queue(running: list[str], pending: list[str]) -> dict[str, Any]:
     return {
         "queue_running": [[0, pid, {}, {"client_id": "c"}, ["4"]] for pid in running],
-        "queue_pending": [[i + 1, pid, {}, {"client_id": "c"}, ["4"]] for i, pid in enumerate(pending)],
+        "queue_pending": [
+            [i + 1, pid, {}, {"client_id": "c"}, ["4"]] for i, pid in enumerate(pending)
+        ],
     }
 
 
@@ -271,14 +274,19 @@ async def test_history_of_recorded_failures(serve: Any, trace: str) -> None:
     for event in _trace(trace)["events"]:
         if event.get("kind") == "http" and event["request"]["path"].startswith("/history/"):
             entries.update(event["response"]["json"])
+
     async def history(request: web.Request) -> web.Response:
         prompt_id = request.match_info["id"]
         return web.json_response({prompt_id: entries[prompt_id]})
 
     client, _ = await serve({("GET", "/history/{id}"): history})
-    outcomes = {(await client.history(pid)).outcome for pid in entries}  # type: ignore[union-attr]
-    assert outcomes <= {Outcome.ERROR, Outcome.INTERRUPTED, Outcome.SUCCESS}
-    assert outcomes - {Outcome.SUCCESS}
+    kinds = {"execution_error": Outcome.ERROR, "execution_interrupted": Outcome.INTERRUPTED}
+    for prompt_id, raw in entries.items():
+        entry = await client.history(prompt_id)
+        assert entry is not None and entry.prompt_id == prompt_id
+        last = raw["status"]["messages"][-1][0]
+        assert entry.outcome is kinds.get(last, Outcome.SUCCESS)
+    assert any(e["status"]["status_str"] == "error" for e in entries.values())
 
 
 # ------------------------------------------------------------------------- upload
@@ -289,7 +297,10 @@ async def test_history_of_recorded_failures(serve: Any, trace: str) -> None:
     [
         ({"name": "x (1).png", "subfolder": "", "type": "input"}, "x (1).png"),
         ({"name": "x.png", "subfolder": "batch/a", "type": "input"}, "batch/a/x.png"),
-        ({"name": "Bild mit Ümlaut (2).png", "subfolder": "", "type": "input"}, "Bild mit Ümlaut (2).png"),
+        (
+            {"name": "Bild mit Ümlaut (2).png", "subfolder": "", "type": "input"},
+            "Bild mit Ümlaut (2).png",
+        ),
     ],
 )
 async def test_upload_returns_the_name_the_server_chose(
@@ -300,7 +311,10 @@ async def test_upload_returns_the_name_the_server_chose(
     async def upload(request: web.Request) -> web.Response:
         form = await request.post()
         for key, value in form.items():
-            fields[key] = (value.filename, value.file.read()) if hasattr(value, "file") else value
+            if isinstance(value, web.FileField):
+                fields[key] = (value.filename, value.file.read())
+            else:
+                fields[key] = value
         return web.json_response(reply)
 
     client, _ = await serve({("POST", "/upload/image"): upload})
@@ -332,7 +346,9 @@ async def test_queue_admin_and_info_endpoints(serve: Any) -> None:
             ("GET", "/models/vae"): answer(models),
             ("GET", "/models/{folder}"): answer(status=404, text=""),
             ("GET", "/object_info/{cls}"): answer({}),
-            ("GET", "/system_stats"): answer(_recorded("09_endpoint_shapes.json", "GET", "/system_stats", 200)),
+            ("GET", "/system_stats"): answer(
+                _recorded("09_endpoint_shapes.json", "GET", "/system_stats", 200)
+            ),
         }
     )
     await client.delete_pending(["a", "b"])
@@ -363,7 +379,9 @@ async def test_queue_admin_and_info_endpoints(serve: Any) -> None:
         (answer(status=404, text=""), "unexpected status 404"),
     ],
 )
-async def test_hostile_queue_answers_are_server_errors(serve: Any, reply: Handler, match: str) -> None:
+async def test_hostile_queue_answers_are_server_errors(
+    serve: Any, reply: Handler, match: str
+) -> None:
     client, _ = await serve({("GET", "/queue"): reply}, limits=Limits(max_json_bytes=4096))
     with pytest.raises(ServerError, match=match):
         await client.queue()
@@ -388,7 +406,10 @@ async def test_huge_chunked_answer_is_cut_off(serve: Any) -> None:
     [
         ({"someone-else": {}}, "does not contain 'p'"),
         ({"p": {"outputs": {}}}, "status"),
-        ({"p": {"status": {"status_str": "success"}, "outputs": {"4": {"images": [{}]}}}}, "filename"),
+        (
+            {"p": {"status": {"status_str": "success"}, "outputs": {"4": {"images": [{}]}}}},
+            "filename",
+        ),
     ],
 )
 async def test_hostile_history_answers_are_server_errors(
@@ -445,7 +466,11 @@ async def test_open_view_streams_and_maps_refusals(serve: Any) -> None:
     async with client.open_view(file("ok.mp4")) as response:
         assert await response.read() == b"video"
     assert "subfolder=video" in recorder.requests[0][1] and "type=output" in recorder.requests[0][1]
-    for name, error in [("gone.mp4", PromptLost), ("bad.mp4", OutputRejected), ("boom.mp4", ServerError)]:
+    for name, error in [
+        ("gone.mp4", PromptLost),
+        ("bad.mp4", OutputRejected),
+        ("boom.mp4", ServerError),
+    ]:
         with pytest.raises(error):
             async with client.open_view(file(name)):
                 pass

@@ -62,7 +62,9 @@ def test_every_recorded_frame_parses_to_its_type(msg: dict[str, Any]) -> None:
 
 
 def test_status_with_and_without_sid() -> None:
-    first = '{"type": "status", "data": {"status": {"exec_info": {"queue_remaining": 2}}, "sid": "c1"}}'
+    first = (
+        '{"type": "status", "data": {"status": {"exec_info": {"queue_remaining": 2}}, "sid": "c1"}}'
+    )
     later = '{"type": "status", "data": {"status": {"exec_info": {"queue_remaining": 0}}}}'
     assert parse_message(first) == ev.Status(2, "c1")
     assert parse_message(later) == ev.Status(0, None)

@@ -205,8 +205,16 @@ def test_rejection_summary_examples() -> None:
     ("exception_type", "message", "expected"),
     [
         ("torch.OutOfMemoryError", "Allocation on device", ExecutionTransient),
-        ("torch.cuda.OutOfMemoryError", "CUDA out of memory. Tried to allocate", ExecutionTransient),
-        ("RuntimeError", "CUDA error: an illegal memory access was encountered", ExecutionTransient),
+        (
+            "torch.cuda.OutOfMemoryError",
+            "CUDA out of memory. Tried to allocate",
+            ExecutionTransient,
+        ),
+        (
+            "RuntimeError",
+            "CUDA error: an illegal memory access was encountered",
+            ExecutionTransient,
+        ),
         ("RuntimeError", "Allocation on device 0 would exceed allowed memory", ExecutionTransient),
         ("PIL.UnidentifiedImageError", "cannot identify image file '/x.png'\n", ExecutionFailed),
         ("ValueError", "'webm' is not a valid VideoContainer\n", ExecutionFailed),

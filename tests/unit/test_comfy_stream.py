@@ -14,7 +14,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from batch_runner.comfy import events as ev
-from batch_runner.comfy.config import Endpoint, Limits
+from batch_runner.comfy.config import DEFAULT_LIMITS, Endpoint, Limits
 from batch_runner.comfy.events import parse_message
 from batch_runner.comfy.stream import EventStream
 
@@ -97,7 +97,7 @@ async def ws_server() -> AsyncIterator[WsServer]:
 async def streams() -> AsyncIterator[Callable[..., tuple[EventStream, AsyncIterator[Any]]]]:
     made: list[tuple[EventStream, Any]] = []
 
-    def make(endpoint: Endpoint, limits: Limits = Limits()) -> tuple[EventStream, Any]:
+    def make(endpoint: Endpoint, limits: Limits = DEFAULT_LIMITS) -> tuple[EventStream, Any]:
         stream = EventStream(endpoint, "client-1", limits, backoff_initial=0.01, backoff_max=0.05)
         items = stream.events()
         made.append((stream, items))
@@ -113,7 +113,9 @@ async def next_item(items: AsyncIterator[Any]) -> Any:
     return await asyncio.wait_for(anext(items), STEP)
 
 
-async def test_connects_with_client_id_and_bearer_and_no_origin(ws_server: WsServer, streams: Any) -> None:
+async def test_connects_with_client_id_and_bearer_and_no_origin(
+    ws_server: WsServer, streams: Any
+) -> None:
     stream, items = streams(ws_server.endpoint())
     assert await next_item(items) == ev.Connected()
     assert await next_item(items) == ev.Status(0, "client-1")
@@ -141,7 +143,9 @@ async def test_binary_frames_are_dropped(ws_server: WsServer, streams: Any) -> N
     ]
 
 
-async def test_replays_a_recorded_socket_with_binary_previews(ws_server: WsServer, streams: Any) -> None:
+async def test_replays_a_recorded_socket_with_binary_previews(
+    ws_server: WsServer, streams: Any
+) -> None:
     socket_trace = json.loads((TRACES / "14c_wan22_previews_binary.json").read_text())
     frames = socket_trace["websockets"]["legacy_client"]["messages"]
 
@@ -155,7 +159,9 @@ async def test_replays_a_recorded_socket_with_binary_previews(ws_server: WsServe
 
     ws_server.scripts.append(replay)
     _, items = streams(ws_server.endpoint())
-    expected = [e for f in frames if f["frame"] == "text" if (e := parse_message(json.dumps(f["msg"])))]
+    expected = [
+        e for f in frames if f["frame"] == "text" if (e := parse_message(json.dumps(f["msg"])))
+    ]
     assert await next_item(items) == ev.Connected()
     got = [await next_item(items) for _ in expected]
     assert got == expected
@@ -177,7 +183,9 @@ async def test_reconnects_after_a_clean_close(ws_server: WsServer, streams: Any)
     assert ws_server.log[:3] == ["open 1", "closed 1", "open 2"]
 
 
-async def test_reconnects_after_the_server_drops_the_connection(ws_server: WsServer, streams: Any) -> None:
+async def test_reconnects_after_the_server_drops_the_connection(
+    ws_server: WsServer, streams: Any
+) -> None:
     async def drop(ws: web.WebSocketResponse, request: web.Request) -> None:
         await ws.send_json(status("client-1", remaining=3))
         assert request.transport is not None
@@ -192,7 +200,9 @@ async def test_reconnects_after_the_server_drops_the_connection(ws_server: WsSer
     assert await next_item(items) == ev.Connected()
 
 
-async def test_oversized_frame_closes_with_1009_and_reconnects(ws_server: WsServer, streams: Any) -> None:
+async def test_oversized_frame_closes_with_1009_and_reconnects(
+    ws_server: WsServer, streams: Any
+) -> None:
     async def oversized(ws: web.WebSocketResponse, request: web.Request) -> None:
         await ws.send_bytes(b"\x00\x00\x00\x01" + b"x" * 4096)
 
@@ -233,7 +243,7 @@ async def test_connect_failures_are_retried_until_the_server_appears(streams: An
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    _, items = streams(Endpoint(f"127.0.0.1:{port}"))
+    stream, items = streams(Endpoint(f"127.0.0.1:{port}"))
     first = asyncio.ensure_future(anext(items))
     done, _ = await asyncio.wait({first}, timeout=0.2)
     assert not done  # retrying silently: no Disconnected for failed attempts
@@ -246,10 +256,13 @@ async def test_connect_failures_are_retried_until_the_server_appears(streams: An
         assert await asyncio.wait_for(first, STEP) == ev.Connected()
         assert await next_item(items) == ev.Status(0, "client-1")
     finally:
+        await stream.aclose()  # before the server, whose shutdown waits for open sockets
         await test_server.close()
 
 
-async def test_aclose_ends_the_iteration_and_closes_the_socket(ws_server: WsServer, streams: Any) -> None:
+async def test_aclose_ends_the_iteration_and_closes_the_socket(
+    ws_server: WsServer, streams: Any
+) -> None:
     stream, items = streams(ws_server.endpoint())
     assert await next_item(items) == ev.Connected()
     assert await next_item(items) == ev.Status(0, "client-1")
