@@ -111,8 +111,9 @@ class PromptTracker:
                 self._running = None
         watch.touch()
 
-    def reconciled(self, watch: PromptWatch, entry: HistoryEntry | None, *, running: bool,
-                   pending: bool) -> bool:
+    def reconciled(
+        self, watch: PromptWatch, entry: HistoryEntry | None, *, running: bool, pending: bool
+    ) -> bool:
         """Apply what /queue and /history said about ``watch``'s prompt.
 
         Returns True when history shows an end the socket never told us about, which means

@@ -108,9 +108,10 @@ def run_cli(
     timeout: float = 120,
     extra: Sequence[str] = (),
 ) -> int:
+    """Run the batch once; the return code, with the output kept in ``workdir/last.log``."""
     env = _env({"BATCH_RUNNER_CRASH_AT": crash_at} if crash_at else None)
     result = subprocess.run(
-        [*CLI, "run", "jobs.csv", "--endpoint", url, "--max-attempts", "10", *extra],
+        [*CLI, "--debug", "run", "jobs.csv", "--endpoint", url, "--max-attempts", "10", *extra],
         cwd=workdir,
         env=env,
         capture_output=True,
@@ -118,6 +119,7 @@ def run_cli(
         timeout=timeout,
         stdin=subprocess.DEVNULL,
     )
+    (workdir / "last.log").write_text(result.stdout + result.stderr)
     return result.returncode
 
 

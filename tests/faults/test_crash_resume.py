@@ -22,8 +22,9 @@ def _crash_loop(tmp_path: Path, kind: str, points: range) -> Tally:
             first = run_cli(workdir, url, crash_at=f"{kind}:{n}")
             if first == 0:
                 break  # n is past the run's last crash point: the loop has covered it all
-            assert first == -9, f"{kind}:{n} exited {first}"
-            assert run_cli(workdir, url) == 0, f"resume after {kind}:{n} failed"
+            log = workdir / "last.log"
+            assert first == -9, f"{kind}:{n} exited {first}: {log.read_text()[-3000:]}"
+            assert run_cli(workdir, url) == 0, f"resume after {kind}:{n}: {log.read_text()[-3000:]}"
             tally.trials += 1
             check(workdir, JOBS, executions(url), tally)
     return tally
