@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from urllib.parse import quote
 
 from websockets.asyncio.client import ClientConnection, connect
@@ -84,7 +84,7 @@ class EventStream:
         """:meth:`aclose` was called."""
         return self._closed
 
-    async def events(self) -> AsyncIterator[StreamItem]:
+    async def events(self) -> AsyncGenerator[StreamItem, None]:
         """The event stream (see the class doc). Only one iteration may run at a time."""
         if self._iterating:
             raise RuntimeError("EventStream.events() is already being iterated")
@@ -92,7 +92,7 @@ class EventStream:
         failures = 0
         try:
             while not self._stopping():
-                ws = await self._open()
+                ws = await self._open(quiet=failures > 0)
                 if ws is None:
                     await self._backoff(failures)
                     failures += 1
@@ -155,7 +155,7 @@ class EventStream:
         # A call, not an attribute test: mypy would keep the narrowed value across awaits.
         return self._closed
 
-    async def _open(self) -> ClientConnection | None:
+    async def _open(self, *, quiet: bool) -> ClientConnection | None:
         limits = self.limits
         try:
             ws = await connect(
@@ -170,7 +170,9 @@ class EventStream:
                 max_size=limits.max_ws_message_bytes,
             )
         except (OSError, TimeoutError, WebSocketException) as exc:
-            log.debug("%s: websocket connect failed: %s", self.endpoint.name, exc)
+            # Once per streak of failures; the retries that follow are routine.
+            level = logging.DEBUG if quiet else logging.WARNING
+            log.log(level, "%s: websocket connect failed: %s", self.endpoint.name, exc)
             return None
         if self._closed:
             await ws.close()
@@ -185,7 +187,8 @@ class EventStream:
         if self._reconnect_requested:
             self._reconnect_requested = False
             return
-        ceiling = min(self.backoff_max, self.backoff_initial * 2**failures)
+        # The exponent is capped: after days of retries 2**failures would overflow a float.
+        ceiling = min(self.backoff_max, self.backoff_initial * 2 ** min(failures, 30))
         self._wake.clear()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._wake.wait(), timeout=random.uniform(0, ceiling))
