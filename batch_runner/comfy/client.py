@@ -258,7 +258,10 @@ class ComfyClient:
         params = {"filename": file.filename, "subfolder": file.subfolder, "type": file.type}
         try:
             response = await self._ensure_session().get(
-                self._url("/view"), params=params, timeout=self._stream_timeout
+                self._url("/view"),
+                params=params,
+                timeout=self._stream_timeout,
+                allow_redirects=False,
             )
         except (aiohttp.ClientError, TimeoutError) as exc:
             self._transport_error("/view", exc)
@@ -300,12 +303,14 @@ class ComfyClient:
     ) -> tuple[int, bytes]:
         """Send one request; return (status, body read up to the JSON cap). 5xx → ServerError."""
         try:
+            # ComfyUI never redirects; following one could carry the token to another host.
             async with self._ensure_session().request(
                 method,
                 self._url(path),
                 json=json,
                 data=data,
                 timeout=timeouts or self._json_timeout,
+                allow_redirects=False,
             ) as response:
                 body = await self._read_capped(response, path)
                 status = response.status

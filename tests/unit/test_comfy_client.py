@@ -387,6 +387,22 @@ async def test_hostile_queue_answers_are_server_errors(
         await client.queue()
 
 
+async def test_redirects_are_not_followed(serve: Any) -> None:
+    followed: list[str] = []
+
+    async def redirect(request: web.Request) -> web.Response:
+        raise web.HTTPFound("/elsewhere")
+
+    async def elsewhere(request: web.Request) -> web.Response:
+        followed.append(request.headers.get("Authorization", ""))
+        return web.json_response({"queue_running": [], "queue_pending": []})
+
+    client, _ = await serve({("GET", "/queue"): redirect, ("GET", "/elsewhere"): elsewhere})
+    with pytest.raises(ServerError, match="unexpected status 302"):
+        await client.queue()
+    assert followed == []
+
+
 async def test_huge_chunked_answer_is_cut_off(serve: Any) -> None:
     async def endless(request: web.Request) -> web.StreamResponse:
         response = web.StreamResponse()
