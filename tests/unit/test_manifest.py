@@ -1,0 +1,212 @@
+"""Reading valid manifests: values, ids, paths, line numbers and storage round trips."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from batch_runner import manifest
+from batch_runner.errors import ManifestError
+from batch_runner.manifest import JobSpec, RowProblems, read_manifest, validate_manifest
+
+VALID = Path(__file__).parent.parent / "manifests" / "valid"
+
+
+@pytest.fixture
+def folder(tmp_path: Path) -> Path:
+    (tmp_path / "img").mkdir()
+    Image.new("RGB", (32, 24), "blue").save(tmp_path / "img" / "a.png")
+    Image.new("RGB", (24, 32), "red").save(tmp_path / "img" / "b.png")
+    return tmp_path
+
+
+def _specs(path: Path, **kwargs: bool) -> list[JobSpec]:
+    items = list(read_manifest(path, **kwargs))
+    bad = [str(p) for i in items if isinstance(i, RowProblems) for p in i.problems]
+    assert bad == []
+    return [i for i in items if isinstance(i, JobSpec)]
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_csv_values_are_typed_and_node_columns_kept_as_text() -> None:
+    full, minimal, preset = _specs(VALID / "good.csv")
+
+    assert full.job_id == "full"
+    assert full.line == 2
+    assert full.image == (VALID.parent / "images" / "ok.png").absolute()
+    assert full.prompt == "a prompt with a comma, and\na second line"
+    assert full.negative_prompt == "blurry"
+    assert full.seed == 2**64 - 1
+    assert (full.width, full.height, full.frames, full.steps, full.switch_step) == (
+        832,
+        480,
+        33,
+        40,
+        15,
+    )
+    assert (full.fps, full.cfg, full.shift) == (24.0, 5.0, 5.0)
+    assert isinstance(full.fps, float)
+    assert full.output == "full-clip"
+    assert full.node_inputs == (("57", "sampler_name", "dpmpp_2m"), ("My Sampler", "cfg", "4.5"))
+    # The quoted prompt spans lines 2-3, so the next record starts on line 4.
+    assert minimal.line == 4
+    assert minimal.seed is None and minimal.node_inputs == () and minimal.output is None
+    assert (preset.line, preset.preset, preset.frames) == (5, "480p", 17)
+
+
+def test_jsonl_keeps_json_types_and_treats_null_and_empty_as_unset() -> None:
+    full, minimal = _specs(VALID / "good.jsonl")
+
+    assert full.node_inputs == (
+        ("57", "sampler_name", "dpmpp_2m"),
+        ("63", "batch_size", 1),
+        ("x", "flag", True),
+    )
+    assert (full.seed, full.fps, full.cfg) == (0, 24.0, 5.0)
+    assert isinstance(full.cfg, float)
+    assert minimal.line == 3
+    assert minimal.prompt == "just a prompt"
+    assert minimal.seed is None and minimal.negative_prompt is None
+
+
+def test_bom_and_crlf_are_accepted() -> None:
+    (spec,) = _specs(VALID / "bom_crlf.csv")
+    assert spec.job_id == "bom-1"
+    assert spec.prompt == 'a BOM, CRLF line ends and a "quoted" word'
+    assert spec.seed == 3
+
+
+def test_header_names_are_trimmed_and_blank_rows_skipped(folder: Path) -> None:
+    path = _write(folder / "m.csv", " id , image ,prompt\n\na,img/a.png,x\n,,\n\nb,img/b.png,y\n")
+    assert [(s.job_id, s.line) for s in _specs(path)] == [("a", 3), ("b", 6)]
+
+
+def test_relative_images_resolve_against_the_manifest_folder(
+    folder: Path, tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path_factory.mktemp("elsewhere"))
+    absolute = folder / "img" / "b.png"
+    path = _write(folder / "m.csv", f"id,image,prompt\na,img/../img/a.png,x\nb,{absolute},y\n")
+    a, b = _specs(path)
+    assert a.image == folder / "img" / "a.png"
+    assert a.image.is_absolute()
+    assert b.image == absolute
+
+
+def test_derived_ids_depend_on_content_not_position(folder: Path) -> None:
+    rows = ["img/a.png,walk,1", "img/b.png,run,", "./img/a.png,jump,"]
+    first = _specs(_write(folder / "one.csv", "image,prompt,seed\n" + "\n".join(rows) + "\n"))
+    reordered = rows[::-1]
+    second = _specs(_write(folder / "two.csv", "image,prompt,seed\n" + "\n".join(reordered) + "\n"))
+
+    by_prompt = {s.prompt: s.job_id for s in first}
+    assert {s.prompt: s.job_id for s in second} == by_prompt
+    assert len(set(by_prompt.values())) == 3
+    assert all(len(i) == 16 for i in by_prompt.values())
+    changed = _specs(_write(folder / "three.csv", "image,prompt,seed\nimg/a.png,walk,2\n"))
+    assert changed[0].job_id != by_prompt["walk"]
+
+
+def test_derived_ids_survive_moving_the_folder(folder: Path, tmp_path: Path) -> None:
+    _write(folder / "m.csv", "image,prompt\nimg/a.png,walk\n")
+    moved = tmp_path.parent / (tmp_path.name + "-moved")
+    shutil.copytree(folder, moved)
+    assert _specs(folder / "m.csv")[0].job_id == _specs(moved / "m.csv")[0].job_id
+
+
+def test_file_level_problems_raise_before_iteration(folder: Path) -> None:
+    path = _write(folder / "m.csv", "id,image,prompt,colour\na,img/a.png,x,red\n")
+    with pytest.raises(ManifestError) as caught:
+        read_manifest(path)
+    assert "unknown column 'colour'" in str(caught.value)
+    assert validate_manifest(path)[0] == 0
+
+
+def test_missing_manifest_is_a_manifest_error(tmp_path: Path) -> None:
+    with pytest.raises(ManifestError, match="file not found"):
+        read_manifest(tmp_path / "absent.csv")
+
+
+def test_check_images_off_skips_opening_images(folder: Path) -> None:
+    path = _write(folder / "m.csv", "id,image,prompt\na,img/none.png,x\n")
+    (spec,) = _specs(path, check_images=False)
+    assert spec.image == folder / "img" / "none.png"
+    assert validate_manifest(path)[0] == 0
+
+
+def test_each_distinct_image_is_verified_once(
+    folder: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    checked: list[Path] = []
+    real = manifest._image_problem
+
+    def counting(path: Path) -> str | None:
+        checked.append(path)
+        return real(path)
+
+    monkeypatch.setattr(manifest, "_image_problem", counting)
+    rows = "".join(f"j{i},img/{'ab'[i % 2]}.png,p{i}\n" for i in range(50))
+    assert len(_specs(_write(folder / "m.csv", "id,image,prompt\n" + rows))) == 50
+    assert sorted(checked) == [folder / "img" / "a.png", folder / "img" / "b.png"]
+
+
+def test_spec_round_trips_through_json(folder: Path) -> None:
+    full = _specs(VALID / "good.csv")[0]
+    data = json.loads(json.dumps(full.to_json()))
+    again = JobSpec.from_json(data)
+    assert again == full
+    assert again.content_hash() == full.content_hash()
+
+
+def test_content_hash_ignores_line_and_follows_content(folder: Path) -> None:
+    spec = JobSpec("a", 2, folder / "img" / "a.png", "walk", seed=3)
+    moved = JobSpec("a", 9, folder / "img" / "a.png", "walk", seed=3)
+    assert spec.content_hash() == moved.content_hash()
+    for other in (
+        JobSpec("a", 2, folder / "img" / "a.png", "walk", seed=4),
+        JobSpec("a", 2, folder / "img" / "a.png", "run", seed=3),
+        JobSpec("a", 2, folder / "img" / "a.png", "walk", seed=3, node_inputs=(("6", "t", "x"),)),
+        JobSpec("b", 2, folder / "img" / "a.png", "walk", seed=3),
+    ):
+        assert other.content_hash() != spec.content_hash()
+
+
+def test_example_batch_is_valid() -> None:
+    root = Path(__file__).parent.parent.parent
+    good, problems = validate_manifest(root / "jobs.example.csv")
+    assert (good, problems) == (5, [])
+    specs = _specs(root / "jobs.example.csv")
+    assert any(s.seed is not None for s in specs)
+    assert any(s.preset == "480p" for s in specs)
+    assert any(s.frames == 33 for s in specs)
+    assert all(s.image.parent == root / "examples" for s in specs)
+
+
+def test_seen_table_finds_every_duplicate_across_growth() -> None:
+    table = manifest._SeenTable()
+    assert all(table.add(f"k{i}", i + 1) is None for i in range(5000))
+    assert table.add("k0", 99) == 1
+    assert table.add("k4999", 99) == 5000
+    assert table.add("other", 7) is None
+
+
+@pytest.mark.slow
+def test_a_million_rows_stream_in_bounded_time(tmp_path: Path) -> None:
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    path = tmp_path / "big.csv"
+    with path.open("w") as handle:
+        handle.write("id,image,prompt,seed\n")
+        handle.writelines(f"j{i},a.png,prompt number {i},{i}\n" for i in range(1_000_000))
+    start = os.times().elapsed
+    count = sum(isinstance(item, JobSpec) for item in read_manifest(path))
+    assert count == 1_000_000
+    assert os.times().elapsed - start < 10
