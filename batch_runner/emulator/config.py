@@ -80,6 +80,9 @@ class EmulatorConfig:
     max_upload_size: int = DEFAULT_MAX_UPLOAD_SIZE
     # The real server keeps at most this many history entries, dropping the oldest.
     max_history: int = 10_000
+    # Model files are garbage placeholders under the right names: validation passes and the
+    # first loader that runs fails, as in trace 05 (the default "loads" names only).
+    placeholder_models: bool = False
     # Set only when the emulator is the whole process (the CLI): a crash fault then ends
     # the process with os._exit instead of stopping the in-process server.
     exit_on_crash: bool = False

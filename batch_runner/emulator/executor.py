@@ -481,6 +481,7 @@ class _NodeContext:
         self.writer = executor.writer
         self.models = executor.models
         self.video_max_side = executor.video_max_side
+        self.placeholder_models = executor.config.placeholder_models
 
     async def step(self, node_id: str, value: int, total: int) -> None:
         await self._executor.step(self._run, node_id, value, total)

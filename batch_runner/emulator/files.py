@@ -35,9 +35,9 @@ class Folders:
     # Next counter per (folder, prefix), learnt by one scan per prefix so that saving stays
     # O(1) however many files the folder holds.
     _counters: dict[tuple[Path, str], int] = field(default_factory=dict)
-    # Content hash per (path, size, mtime), so that LoadImage's cache key does not re-read
-    # unchanged files.
-    _hashes: dict[tuple[str, int, int], str] = field(default_factory=dict)
+    # Content hash per path with the (size, mtime) it was computed for, so that LoadImage's
+    # cache key does not re-read unchanged files.
+    _hashes: dict[str, tuple[int, int, str]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for kind in FOLDER_TYPES:
@@ -65,14 +65,14 @@ class Folders:
 
     def content_hash(self, path: Path) -> str:
         stat = path.stat()
-        key = (str(path), stat.st_size, stat.st_mtime_ns)
-        found = self._hashes.get(key)
-        if found is None:
-            found = sha256_file(path)
-            if len(self._hashes) > 4096:
-                self._hashes.clear()
-            self._hashes[key] = found
-        return found
+        known = self._hashes.get(str(path))
+        if known is not None and known[:2] == (stat.st_size, stat.st_mtime_ns):
+            return known[2]
+        digest = sha256_file(path)
+        if len(self._hashes) > 4096:
+            self._hashes.clear()
+        self._hashes[str(path)] = (stat.st_size, stat.st_mtime_ns, digest)
+        return digest
 
     def store_upload(
         self, data: bytes, filename: str, subfolder: str, kind: str, overwrite: bool
@@ -96,6 +96,8 @@ class Folders:
                 target = folder / f"{stem} ({number}){ext}"
                 number += 1
         target.write_bytes(data)
+        # A rewrite within one mtime tick must not keep serving the old hash.
+        self._hashes.pop(str(target), None)
         return target.name
 
     def output_path(self, filename_prefix: str, extension: str) -> tuple[Path, str, str]:

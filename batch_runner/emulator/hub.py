@@ -67,6 +67,8 @@ class Hub:
     faults: Faults
     dice: Dice
     sockets: dict[str, Client] = field(default_factory=dict)
+    # Open websocket connections, registered or not (a deaf socket still counts).
+    connections: int = 0
     _queue: asyncio.Queue[tuple[Target, Payload]] = field(default_factory=asyncio.Queue)
     _task: asyncio.Task[None] | None = None
 

@@ -28,6 +28,7 @@ class Context(Protocol):
     writer: video.VideoWriter
     models: Mapping[str, Sequence[str]]
     video_max_side: int
+    placeholder_models: bool
 
     async def step(self, node_id: str, value: int, total: int) -> None:
         """Spend one emulated GPU step and report progress `value`/`total`."""
@@ -215,8 +216,23 @@ async def save_image(ctx: Context, node_id: str, inputs: dict[str, Any]) -> Resu
     return (), {"images": entries}
 
 
+class SafetensorError(Exception):
+    """What loading a garbage model file raises on the real server."""
+
+    __module__ = "safetensors._safetensors_rust"
+
+
 def _handle(kind: str) -> NodeFn:
     async def run(ctx: Context, node_id: str, inputs: dict[str, Any]) -> Result:
+        return (Handle(kind, node_id),), None
+
+    return run
+
+
+def _loader(kind: str) -> NodeFn:
+    async def run(ctx: Context, node_id: str, inputs: dict[str, Any]) -> Result:
+        if ctx.placeholder_models:
+            raise SafetensorError("Error while deserializing header: header too large")
         return (Handle(kind, node_id),), None
 
     return run
@@ -228,9 +244,9 @@ NODES: Mapping[str, NodeFn] = {
     "ImageScale": image_scale,
     "UpscaleModelLoader": upscale_model_loader,
     "ImageUpscaleWithModel": image_upscale_with_model,
-    "UNETLoader": _handle("ModelPatcher"),
-    "CLIPLoader": _handle("CLIP"),
-    "VAELoader": _handle("VAE"),
+    "UNETLoader": _loader("ModelPatcher"),
+    "CLIPLoader": _loader("CLIP"),
+    "VAELoader": _loader("VAE"),
     "CLIPTextEncode": _handle("Conditioning"),
     "ModelSamplingSD3": model_passthrough,
     "WanImageToVideo": wan_image_to_video,

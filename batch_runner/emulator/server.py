@@ -90,6 +90,8 @@ async def server_errors(request: web.Request, handler: Handler) -> web.StreamRes
     """Unexpected exceptions answer the real server's plain-text 500."""
     try:
         return await handler(request)
+    except web.HTTPNotFound:
+        return web.Response(status=404, content_type="application/octet-stream")
     except web.HTTPException:
         raise
     except (asyncio.CancelledError, ConnectionError):
@@ -404,9 +406,14 @@ async def get_index(request: web.Request) -> web.Response:
 
 
 async def get_stats(request: web.Request) -> web.Response:
-    executor = _state(request).executor
+    state = _state(request)
+    executor = state.executor
     return web.json_response(
-        {"executions": dict(executor.executions), "switch_gaps_ms": list(executor.switch_gaps_ms)}
+        {
+            "executions": dict(executor.executions),
+            "switch_gaps_ms": list(executor.switch_gaps_ms),
+            "websockets": state.hub.connections,
+        }
     )
 
 
@@ -422,6 +429,7 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
     await ws.prepare(request)
     client = Client(sid, ws, transport)
     hub.register(client)
+    hub.connections += 1
     try:
         hub.send("status", {**executor.status(), "sid": sid}, client)
         running = executor.running
@@ -434,6 +442,7 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
             first = False
     finally:
         hub.unregister(sid)
+        hub.connections -= 1
     return ws
 
 
