@@ -116,7 +116,7 @@ class ComfyClient:
 
     async def system_stats(self) -> dict[str, Any]:
         """``GET /system_stats``; answers as soon as the server listens: the health probe."""
-        return self._dict(await self._json("GET", "/system_stats"), "/system_stats")
+        return self._dict(await self._get_json("/system_stats"), "/system_stats")
 
     async def upload_image(self, data: bytes, filename: str) -> str:
         """Upload to the input folder without ``overwrite`` and return the ``LoadImage``
@@ -182,7 +182,7 @@ class ComfyClient:
 
     async def queue(self) -> QueueSnapshot:
         """``GET /queue``: running and pending prompt ids, pending in run order."""
-        answer = await self._json("GET", "/queue")
+        answer = await self._get_json("/queue")
         try:
             return parse_queue(answer)
         except ProtocolViolation as exc:
@@ -192,7 +192,7 @@ class ComfyClient:
         """``GET /history/{id}``: the finished entry, or None (``{}``: pending, running or
         unknown; PROTOCOL §12.6, use :meth:`locate` to tell them apart)."""
         path = "/history/" + quote(prompt_id, safe="")
-        answer = self._dict(await self._json("GET", path), "/history/{id}")
+        answer = self._dict(await self._get_json(path), "/history/{id}")
         if not answer:
             return None
         if prompt_id not in answer:
@@ -234,7 +234,7 @@ class ComfyClient:
     async def object_info(self, class_type: str | None = None) -> dict[str, Any]:
         """``GET /object_info[/{class}]``: node schemas (``{}`` for an unknown class)."""
         path = "/object_info" + ("" if class_type is None else "/" + quote(class_type, safe=""))
-        return self._dict(await self._json("GET", path), "/object_info")
+        return self._dict(await self._get_json(path), "/object_info")
 
     async def models(self, folder: str) -> list[str] | None:
         """``GET /models/{folder}``: file names in a model folder; None if no such folder."""
@@ -336,8 +336,8 @@ class ComfyClient:
                 self._violation(path, f"the answer exceeds {cap} bytes")
         return bytes(body)
 
-    async def _json(self, method: str, path: str, payload: Any = None) -> Any:
-        status, body = await self._request(method, path, json=payload)
+    async def _get_json(self, path: str) -> Any:
+        status, body = await self._request("GET", path)
         return self._decode(status, body, path)
 
     def _decode(self, status: int, body: bytes, path: str) -> Any:
