@@ -308,7 +308,6 @@ _CONVERTERS: Final[dict[str, tuple[Callable[[str], Any], Callable[[Any], Any]]]]
     "output": _text(lambda v: _check_name(v, "output name")),
 }
 KNOWN_COLUMNS: Final = tuple(_CONVERTERS)
-_SPEC_COLUMNS: Final = frozenset(KNOWN_COLUMNS) - {"id", "image", "prompt"}
 
 
 def _json_type(value: object) -> str:
@@ -401,9 +400,9 @@ def read_manifest(path: Path, *, check_images: bool = True) -> Iterator[JobSpec 
 
     The format follows the extension: ``.csv`` (header row required), ``.jsonl`` or
     ``.ndjson`` (one JSON object per line). Blank lines are skipped. Problems with
-    the file itself (missing, empty, not UTF-8 at the start, header without
-    ``image``/``prompt``, unknown columns) raise ``ManifestError`` from this call,
-    before any row; bad bytes further down are reported on their row.
+    the file itself (missing, empty, UTF-16, a CSV header that is not UTF-8, lacks
+    ``image``/``prompt`` or names unknown columns) raise ``ManifestError`` from this
+    call, before any row; bad bytes further down are reported on their row.
 
     With ``check_images``, each distinct image is opened with Pillow and verified
     in the calling thread; iterate in a worker thread if that matters.
@@ -568,12 +567,9 @@ def _unknown_column(name: str) -> str:
 
 
 def _check_jsonl_start(path: Path, display: str) -> None:
+    """JSON Lines has no header, so the only file-level fault is having no rows at all."""
     with _open_text(path) as handle:
-        long_lines: list[int] = []
-        for number, line in enumerate(_bounded_lines(handle, deque(maxlen=1), long_lines), 1):
-            reason = _long_line_reason() if long_lines else _encoding_reason(line)
-            if reason is not None:
-                raise ManifestError([_file_problem(display, reason, line=number)])
+        for line in _bounded_lines(handle, deque(maxlen=1), []):
             if line.strip():
                 return
     raise ManifestError([_file_problem(display, "file has no rows (only blank lines)")])

@@ -210,3 +210,28 @@ def test_a_million_rows_stream_in_bounded_time(tmp_path: Path) -> None:
     count = sum(isinstance(item, JobSpec) for item in read_manifest(path))
     assert count == 1_000_000
     assert os.times().elapsed - start < 10
+
+
+def test_overlong_lines_are_reported_and_skipped(
+    folder: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(manifest, "MAX_LINE_CHARS", 64)
+    csv_path = _write(
+        folder / "m.csv", f"id,image,prompt\na,img/a.png,{'x' * 200}\nb,img/a.png,ok\n"
+    )
+    items = list(read_manifest(csv_path))
+    assert isinstance(items[0], RowProblems)
+    assert "line is longer than 64 characters" in items[0].problems[0].reason
+    assert items[0].problems[0].line == 2
+    assert isinstance(items[-1], JobSpec) and items[-1].job_id == "b"
+
+    jsonl_path = _write(
+        folder / "m.jsonl",
+        json.dumps({"id": "a", "image": "img/a.png", "prompt": "x" * 200})
+        + "\n"
+        + json.dumps({"id": "b", "image": "img/a.png", "prompt": "ok"})
+        + "\n",
+    )
+    first, second = read_manifest(jsonl_path)
+    assert isinstance(first, RowProblems) and first.line == 1
+    assert isinstance(second, JobSpec) and (second.job_id, second.line) == ("b", 2)
