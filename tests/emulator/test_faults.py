@@ -134,17 +134,22 @@ async def test_ws_deaf_rate_leaves_some_sockets_silent(session: aiohttp.ClientSe
             await upload(session, emulator.url)
             sockets = [await connect(session, emulator.url, new_id()) for _ in range(6)]
             await submit(session, emulator.url, simple_workflow(), None)
-            deaf = []
-            for index, socket in enumerate(sockets):
-                try:
-                    async with asyncio.timeout(0.5):
-                        await socket.wait("progress_state")
-                except TimeoutError:
-                    deaf.append(index)
+            # Connect status + queued + taken + finished reach every socket that can hear.
+            waits = [asyncio.create_task(s.wait_count("status", 4)) for s in sockets]
+            done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            for task in waits:
+                task.cancel()
+            await asyncio.gather(*waits, return_exceptions=True)
+            hearing = sockets[waits.index(done.pop())]
+            # Messages go out in order, so once one more broadcast reaches a hearing socket,
+            # every socket has been offered everything before it.
+            async with session.post(emulator.url + "/queue", json={"clear": True}):
+                pass
+            await hearing.wait_count("status", 5)
+            # A deaf socket got its connect status and nothing after it.
+            deaf = [index for index, socket in enumerate(sockets) if len(socket.messages) == 1]
             for socket in sockets:
                 await socket.close()
-            # A deaf socket got its connect status and nothing after it.
-            assert all(len(sockets[index].messages) == 1 for index in deaf)
             return deaf
 
     first = await deaf_sockets(2)

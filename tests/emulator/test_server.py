@@ -1,0 +1,159 @@
+"""Schemas, run order, restarts and the private stats route."""
+
+from __future__ import annotations
+
+import asyncio
+
+import aiohttp
+import pytest
+
+from batch_runner.emulator import WAN22_MODELS, Emulator, EmulatorConfig
+from tests.emulator import replay
+from tests.emulator.conftest import (
+    connect,
+    history,
+    new_id,
+    simple_workflow,
+    submit,
+    upload,
+    wan_workflow,
+)
+
+DYNAMIC = {
+    ("LoadImage", "image"),
+    ("UNETLoader", "unet_name"),
+    ("CLIPLoader", "clip_name"),
+    ("VAELoader", "vae_name"),
+}
+
+
+async def test_object_info_matches_recording(session: aiohttp.ClientSession) -> None:
+    wan = replay.load("05a_object_info_wan_nodes")["object_info"]
+    full = replay.load("15_object_info_full")["object_info"]
+    async with Emulator(EmulatorConfig(models=WAN22_MODELS)) as emulator:
+        await upload(session, emulator.url, "wan_start.png")
+        async with session.get(emulator.url + "/object_info") as response:
+            published = await response.json()
+    for name, recorded in wan.items():
+        expected = dict(recorded)
+        if name == "LoadImage":
+            expected["input"] = {"required": {"image": [["wan_start.png"], {"image_upload": True}]}}
+        assert published[name] == expected, name
+    for name, info in published.items():
+        recorded = full[name]
+        for section in ("required", "optional"):
+            for field, spec in info["input"].get(section, {}).items():
+                if (name, field) not in DYNAMIC and name != "UpscaleModelLoader":
+                    assert spec == recorded["input"][section][field], (name, field)
+        assert info["output"] == recorded["output"]
+        assert info["output_node"] == recorded["output_node"]
+
+
+async def test_wan_order_matches_05b(emulator: Emulator, session: aiohttp.ClientSession) -> None:
+    derived = replay.load("05b_wan_execution_order_DERIVED")
+    await upload(session, emulator.url)
+    client_id = new_id()
+    socket = await connect(session, emulator.url, client_id)
+    prompt_id = await submit(session, emulator.url, wan_workflow(), client_id)
+    await socket.wait("executing", node=None, prompt_id=prompt_id)
+    await socket.close()
+    messages = socket.of(prompt_id)
+    order = [m["data"]["node"] for m in messages if m["type"] == "executing"]
+    assert order[:-1] == [step["node"] for step in derived["wan_execution_order"]]
+    progress = [
+        (m["data"]["node"], m["data"]["value"], m["data"]["max"])
+        for m in messages
+        if m["type"] == "progress"
+    ]
+    assert progress == [("57", v, 10) for v in range(1, 11)] + [("58", v, 10) for v in range(1, 11)]
+
+
+async def test_restart_forgets_memory_but_keeps_files_and_port(
+    emulator: Emulator, session: aiohttp.ClientSession
+) -> None:
+    await upload(session, emulator.url)
+    client_id = new_id()
+    socket = await connect(session, emulator.url, client_id)
+    prompt_id = await submit(session, emulator.url, simple_workflow(), client_id)
+    await socket.wait("executing", node=None, prompt_id=prompt_id)
+    url = emulator.url
+    await emulator.restart()
+    async with asyncio.timeout(5):
+        await socket.closed.wait()
+    assert emulator.url == url
+    assert await history(session, url, prompt_id) == {}
+    # Same graph again: number counter back at 0, cache empty, output counter continues.
+    socket = await connect(session, url, client_id)
+    again = await submit(session, url, simple_workflow(), client_id, prompt_id=prompt_id)
+    cached = await socket.wait("execution_cached", prompt_id=again)
+    await socket.wait("executing", node=None, prompt_id=again)
+    entry = await history(session, url, again)
+    await socket.close()
+    assert cached["data"]["nodes"] == []
+    assert entry["prompt"][0] == 0
+    assert entry["outputs"]["4"]["images"][0]["filename"] == "t_00002_.mp4"
+    # Executions are counted across restarts: this prompt id ran twice.
+    assert emulator.executions[prompt_id] == 2
+    async with session.get(url + "/emulator/stats") as response:
+        stats = await response.json()
+    assert stats["executions"] == {prompt_id: 2}
+    assert all(gap >= 0 for gap in stats["switch_gaps_ms"])
+
+
+async def test_restart_without_forget_keeps_history(
+    emulator: Emulator, session: aiohttp.ClientSession
+) -> None:
+    await upload(session, emulator.url)
+    client_id = new_id()
+    socket = await connect(session, emulator.url, client_id)
+    prompt_id = await submit(session, emulator.url, simple_workflow(), client_id)
+    await socket.wait("executing", node=None, prompt_id=prompt_id)
+    await emulator.restart(forget=False)
+    assert (await history(session, emulator.url, prompt_id))["status"]["completed"] is True
+
+
+async def test_crash_refuses_http_until_restart(
+    emulator: Emulator, session: aiohttp.ClientSession
+) -> None:
+    await emulator.crash()
+    with pytest.raises(aiohttp.ClientConnectionError):
+        async with session.get(emulator.url + "/queue"):
+            pass
+    await emulator.restart()
+    async with session.get(emulator.url + "/queue") as response:
+        assert response.status == 200
+
+
+async def test_switch_gaps_are_recorded_between_queued_prompts(
+    emulator: Emulator, session: aiohttp.ClientSession
+) -> None:
+    await upload(session, emulator.url)
+    client_id = new_id()
+    socket = await connect(session, emulator.url, client_id)
+    ids = [
+        await submit(session, emulator.url, simple_workflow(frames=n), client_id) for n in (2, 3, 4)
+    ]
+    await socket.wait("executing", node=None, prompt_id=ids[-1])
+    await socket.close()
+    assert len(emulator.switch_gaps_ms) == 2
+    assert all(0 <= gap < 1000 for gap in emulator.switch_gaps_ms)
+
+
+async def test_history_keeps_at_most_max_history_entries(session: aiohttp.ClientSession) -> None:
+    async with Emulator(EmulatorConfig(step_ms=0, max_history=3)) as emulator:
+        await upload(session, emulator.url)
+        client_id = new_id()
+        socket = await connect(session, emulator.url, client_id)
+        ids = [
+            await submit(session, emulator.url, simple_workflow(frames=2), client_id)
+            for _ in range(5)
+        ]
+        await socket.wait("executing", node=None, prompt_id=ids[-1])
+        await socket.close()
+        async with session.get(emulator.url + "/history") as response:
+            assert list(await response.json()) == ids[2:]
+        async with session.get(emulator.url + "/history", params={"max_items": "2"}) as response:
+            assert list(await response.json()) == ids[3:]
+        params = {"max_items": "1", "offset": "1"}
+        async with session.get(emulator.url + "/history", params=params) as response:
+            assert list(await response.json()) == ids[3:4]
