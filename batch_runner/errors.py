@@ -60,8 +60,9 @@ class ManifestProblem:
     reason: str
 
     def __str__(self) -> str:
-        where = f"{self.file}:{self.line}"
-        if self.column:
+        # Line 0 means the file as a whole (missing, empty, wrong kind).
+        where = f"{self.file}:{self.line}" if self.line else self.file
+        if self.column and self.line:
             where += f":{self.column}"
         return f"{where}: {self.reason}"
 

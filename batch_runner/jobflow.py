@@ -216,19 +216,23 @@ class JobFlow:
             return
         outcome = entry.outcome if entry is not None else outcome_of(watch)
         if outcome is Outcome.SUCCESS:
-            if entry is None:
-                lost = PromptLost(
-                    f"{lane.name} reported success for {attempt.prompt_id} but has no history "
-                    "entry for it",
-                    endpoint=lane.name,
-                )
-                await self._attempt_error(job, attempt, lane, lost, AttemptState.LOST)
-                return
-            files = prepared.pick_outputs(entry.outputs)
+            # Output files outlive a server restart: if history is gone, the files the socket
+            # announced are still worth fetching before any GPU time is spent again.
+            files = prepared.pick_outputs(
+                entry.outputs if entry is not None else tuple(watch.outputs)
+            )
             if not files:
-                await self._attempt_error(
-                    job, attempt, lane, outputs.no_video_error(entry, lane.name)
+                error = (
+                    outputs.no_video_error(entry, lane.name)
+                    if entry is not None
+                    else PromptLost(
+                        f"{lane.name} reported success for {attempt.prompt_id} but no longer "
+                        "knows its outputs",
+                        endpoint=lane.name,
+                    )
                 )
+                state = AttemptState.FAILED if entry is not None else AttemptState.LOST
+                await self._attempt_error(job, attempt, lane, error, state)
                 return
             lane.done_count += 1
             if await self.store.attempt_completed(

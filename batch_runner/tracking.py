@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from batch_runner import clock
 from batch_runner.comfy import events as ev
-from batch_runner.comfy.models import HistoryEntry, Outcome
+from batch_runner.comfy.models import HistoryEntry, Outcome, OutputFile
 
 #: Terminal messages for prompts nobody watches yet (resume before adoption) are kept, this many.
 MAX_ORPHANS = 1024
@@ -33,6 +33,8 @@ class PromptWatch:
     node: str | None = None
     step: tuple[int, int] | None = None
     last_heard: float = field(default_factory=clock.monotonic)
+    #: output files announced by `executed` messages, in case history is gone when we ask
+    outputs: list[OutputFile] = field(default_factory=list)
     #: the socket told us the prompt ended (success, error or interrupt)
     ended: ev.Event | None = None
     #: reconciliation found the finished entry in /history
@@ -105,6 +107,8 @@ class PromptTracker:
         elif isinstance(event, ev.Progress):
             watch.started = True
             watch.step = (event.value, event.max)
+        elif isinstance(event, ev.Executed):
+            watch.outputs.extend(f for f in event.outputs if f not in watch.outputs)
         elif isinstance(event, ev.ExecutionSuccess | ev.ExecutionError | ev.ExecutionInterrupted):
             watch.ended = event
             if self._running == prompt_id:

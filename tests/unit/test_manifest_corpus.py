@@ -50,7 +50,9 @@ def test_malformed_manifest_reports_file_line_column(corpus: Path, case: dict[st
     assert problem.file == str(path)
     assert problem.line == case["line"]
     assert problem.column == case.get("column")
-    where = f"{path}:{case['line']}" + (f":{case['column']}" if case.get("column") else "")
+    # A whole-file problem (line 0) is shown as just the file name.
+    where = f"{path}:{case['line']}" if case["line"] else str(path)
+    where += f":{case['column']}" if case.get("column") else ""
     assert str(problem).startswith(f"{where}: ")
 
 

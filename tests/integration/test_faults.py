@@ -1,0 +1,146 @@
+"""Misbehaving servers: the runner finishes every job once, whatever the endpoint does."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+from collections.abc import Callable
+from contextlib import AsyncExitStack
+from pathlib import Path
+
+from batch_runner.config import RunSettings
+from batch_runner.emulator import Emulator, EmulatorConfig, Faults
+from batch_runner.runner import RunSummary, run_batch, template_for
+from batch_runner.states import JobState
+from tests.helpers import decoded_frames, make_image, settings_for, write_csv
+
+
+async def run(settings: RunSettings) -> RunSummary:
+    return await run_batch(settings, template_for(settings), asyncio.Event())
+
+
+def batch(tmp_path: Path, n: int, **extra: object) -> Path:
+    make_image(tmp_path / "a.png", (64, 48))
+    rows = [
+        {"id": f"f{i}", "image": "a.png", "prompt": f"p{i}", "frames": 5, **extra} for i in range(n)
+    ]
+    return write_csv(tmp_path / "jobs.csv", rows)
+
+
+def attempts(db: Path) -> list[tuple[str, str, str]]:
+    with sqlite3.connect(db) as conn:
+        return conn.execute(
+            "SELECT j.key, a.state, e.url FROM attempts a JOIN jobs j ON j.id = a.job_id "
+            "JOIN endpoints e ON e.id = a.endpoint_id ORDER BY a.id"
+        ).fetchall()
+
+
+async def wait_until(condition: Callable[[], bool], seconds: float = 30.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.01)
+
+
+def config(**faults: object) -> EmulatorConfig:
+    return EmulatorConfig(step_ms=3.0, video_max_side=32, faults=Faults(seed=11, **faults))  # type: ignore[arg-type]
+
+
+async def test_lost_http_answers_never_duplicate_a_prompt(tmp_path: Path) -> None:
+    manifest = batch(tmp_path, 6)
+    async with Emulator(config(drop_response_rate=0.2)) as emulator:
+        settings = settings_for(manifest, [emulator.url], max_attempts=10)
+        summary = await run(settings)
+    assert summary.counts[JobState.SUCCEEDED] == 6
+    assert set(emulator.executions.values()) == {1}
+    # A prompt whose POST answer was lost is adopted, not submitted again.
+    assert len(emulator.executions) == len(attempts(settings.db))
+
+
+async def test_deaf_sockets_are_noticed_by_reconciliation(tmp_path: Path) -> None:
+    manifest = batch(tmp_path, 3)
+    async with Emulator(config(ws_deaf_rate=1.0)) as emulator:
+        settings = settings_for(manifest, [emulator.url], silence=0.3)
+        summary = await run(settings)
+    assert summary.exit_code == 0
+    assert sorted(emulator.executions.values()) == [1, 1, 1]
+
+
+async def test_oversized_preview_frames_reconnect_and_complete(tmp_path: Path) -> None:
+    manifest = batch(tmp_path, 2, steps=4)
+    big = config(preview_frames=True, preview_bytes=9 * 2**20)
+    async with Emulator(big) as emulator:
+        settings = settings_for(manifest, [emulator.url], silence=0.5)
+        summary = await run(settings)
+    assert summary.exit_code == 0
+    assert sorted(emulator.executions.values()) == [1, 1]
+    assert len(attempts(settings.db)) == 2, "no job may be resubmitted"
+
+
+async def test_restarted_server_prompts_are_resubmitted_once(tmp_path: Path) -> None:
+    manifest = batch(tmp_path, 4)
+    # The server dies after every second prompt and comes back with an empty queue/history.
+    async with Emulator(config(crash_after_prompts=2)) as emulator:
+        settings = settings_for(
+            manifest, [emulator.url], max_inflight=2, endpoint_timeout=60, max_attempts=6
+        )
+        task = asyncio.create_task(run(settings))
+        for _ in range(10):
+            await wait_until(lambda: task.done() or not emulator.running)
+            if task.done():
+                break
+            await emulator.restart(forget=True)
+        summary = await task
+    assert summary.counts[JobState.SUCCEEDED] == 4
+    rows = attempts(settings.db)
+    assert [state for _, state, _ in rows].count("lost") >= 1
+    assert set(emulator.executions.values()) == {1}
+    for i in range(4):
+        assert decoded_frames(settings.output_dir / f"f{i}.mp4")[0] == 5
+
+
+async def test_unreachable_endpoint_hands_its_work_to_the_others(tmp_path: Path) -> None:
+    manifest = batch(tmp_path, 6)
+    async with AsyncExitStack() as stack:
+        dying = await stack.enter_async_context(Emulator(config(crash_after_prompts=1)))
+        healthy = await stack.enter_async_context(Emulator(config()))
+        settings = settings_for(
+            manifest, [dying.url, healthy.url], endpoint_timeout=1.0, max_attempts=5
+        )
+        summary = await run(settings)
+    assert summary.counts[JobState.SUCCEEDED] == 6
+    rows = attempts(settings.db)
+    succeeded_on = {url for _, state, url in rows if state == "succeeded"}
+    assert healthy.url in succeeded_on
+    # Prompts stranded on the dead server were given up only after the endpoint timeout.
+    assert any(state == "abandoned" and url == dying.url for _, state, url in rows)
+    assert all(n == 1 for n in healthy.executions.values())
+
+
+async def test_out_of_memory_is_retried_on_another_endpoint(tmp_path: Path) -> None:
+    manifest = batch(tmp_path, 4)
+    async with AsyncExitStack() as stack:
+        oom = await stack.enter_async_context(Emulator(config(execution_error_rate=1.0)))
+        fine = await stack.enter_async_context(Emulator(config()))
+        settings = settings_for(manifest, [oom.url, fine.url], max_attempts=4)
+        summary = await run(settings)
+    assert summary.exit_code == 0
+    rows = attempts(settings.db)
+    assert all(url == fine.url for _, state, url in rows if state == "succeeded")
+
+
+async def test_missing_model_fails_at_once_with_the_server_message(tmp_path: Path) -> None:
+    manifest = batch(tmp_path, 2)
+    no_models = EmulatorConfig(step_ms=1.0, video_max_side=32, models={"vae": ()})
+    async with Emulator(no_models) as emulator:
+        settings = settings_for(manifest, [emulator.url], max_attempts=3)
+        summary = await run(settings)
+    assert summary.exit_code == 1
+    assert summary.counts[JobState.FAILED] == 2
+    with sqlite3.connect(settings.db) as conn:
+        errors = [r[0] for r in conn.execute("SELECT last_error FROM jobs")]
+        tries = [r[0] for r in conn.execute("SELECT attempts FROM jobs")]
+    assert tries == [1, 1], "a rejected workflow is not retried"
+    assert all("wan2.2_i2v_high_noise_14B_fp8_scaled.safetensors" in e for e in errors)
+    assert emulator.executions == {}
