@@ -138,7 +138,7 @@ async def submit(
 
 async def history(session: aiohttp.ClientSession, url: str, prompt_id: str) -> dict[str, Any]:
     async with session.get(f"{url}/history/{prompt_id}") as response:
-        body: dict[str, Any] = await response.json()
+        body: dict[str, dict[str, Any]] = await response.json()
         return body.get(prompt_id, {})
 
 

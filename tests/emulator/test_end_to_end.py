@@ -53,9 +53,9 @@ async def test_model_card_style_client_downloads_a_decodable_mp4() -> None:
     assert progress == [("57", i, 10) for i in range(1, 11)] + [("58", i, 10) for i in range(1, 11)]
     # 20 sampler steps of step_ms each, plus a small overhead (video encoding included).
     assert 20 * step_ms / 1000 <= elapsed < 20 * step_ms / 1000 + 2.0
-    with av.open(io.BytesIO(data)) as container:
+    with av.open(io.BytesIO(data), mode="r") as container:
         stream = container.streams.video[0]
-        frames = sum(1 for _ in container.decode(video=0))
+        frames = len(list(container.decode(video=0)))
         assert stream.codec_context.name == "h264"
         assert stream.codec_context.pix_fmt == "yuv420p"
         assert max(stream.width, stream.height) <= 128
