@@ -42,6 +42,8 @@ class RetryPolicy:
     max_attempts: int = DEFAULT_MAX_ATTEMPTS
     base_delay: float = 2.0
     max_delay: float = 300.0
+    #: how long a retry waits for another endpoint before the one it failed on may take it
+    elsewhere_grace: float = 10.0
 
     def delay(self, attempt: int, rng: random.Random | None = None) -> float:
         ceiling = min(self.max_delay, self.base_delay * 2 ** max(0, attempt - 1))

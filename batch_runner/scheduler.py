@@ -119,7 +119,9 @@ class Scheduler:
             if not lane.healthy:
                 await self._idle(IDLE_RECHECK_S)
                 continue
-            claimed = await self.store.claim(self.run_id, lane.record.id)
+            claimed = await self.store.claim(
+                self.run_id, lane.record.id, avoid_grace=self.flow.settings.retry.elsewhere_grace
+            )
             if claimed:
                 await self._work(self.flow.run_claimed(claimed[0], lane))
                 continue

@@ -56,7 +56,9 @@ def settings_for(
         db=manifest.parent / "run.sqlite",
         output_dir=manifest.parent / "out",
         endpoints=tuple(EndpointSettings(u, None, max_inflight) for u in urls),
-        retry=RetryPolicy(max_attempts=max_attempts, base_delay=0.05, max_delay=0.2),
+        retry=RetryPolicy(
+            max_attempts=max_attempts, base_delay=0.05, max_delay=0.2, elsewhere_grace=1.0
+        ),
         timeouts=Timeouts(silence=silence, endpoint=endpoint_timeout, grace=30.0),
         **changes,
     )

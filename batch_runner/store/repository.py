@@ -387,10 +387,13 @@ class Store:
         )
         return result.first() is not None
 
-    async def claim(self, run_id: int, endpoint_id: int, limit: int = 1) -> list[JobRecord]:
+    async def claim(
+        self, run_id: int, endpoint_id: int, limit: int = 1, *, avoid_grace: float = 0.0
+    ) -> list[JobRecord]:
         """Take up to ``limit`` claimable jobs for one endpoint (pending or due for retry).
 
-        Jobs that last failed on this endpoint are taken only when nothing else is left, so a
+        A job that last failed on this endpoint is taken here only when nothing else is left
+        and no other endpoint took it within ``avoid_grace`` seconds of it becoming due, so a
         retry lands elsewhere when it can.
         """
         now = _now()
@@ -436,7 +439,7 @@ class Store:
                     (
                         await conn.execute(
                             select(jobs.c.id)
-                            .where(due, ~not_avoided)
+                            .where(due, ~not_avoided, jobs.c.next_eligible_at <= now - avoid_grace)
                             .order_by(jobs.c.next_eligible_at)
                             .limit(limit - len(ids))
                         )
