@@ -40,6 +40,7 @@ def test_kill_at_sampled_crash_points(tmp_path: Path, kind: str, points: range) 
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)
 @pytest.mark.parametrize("kind", ["commit", "http"])
 def test_kill_at_every_crash_point(tmp_path: Path, kind: str) -> None:
     tally = _crash_loop(tmp_path, kind, range(1, 1000))
