@@ -119,9 +119,10 @@ class Scheduler:
             if not lane.healthy:
                 await self._idle(IDLE_RECHECK_S)
                 continue
-            claimed = await self.store.claim(
-                self.run_id, lane.record.id, avoid_grace=self.flow.settings.retry.elsewhere_grace
-            )
+            # A retry waits a little for another endpoint, if there is one that works.
+            others_up = any(other.healthy for other in self.lanes if other is not lane)
+            grace = self.flow.settings.retry.elsewhere_grace if others_up else 0.0
+            claimed = await self.store.claim(self.run_id, lane.record.id, avoid_grace=grace)
             if claimed:
                 await self._work(self.flow.run_claimed(claimed[0], lane))
                 continue
