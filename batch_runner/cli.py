@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 import sys
+from collections import defaultdict
 from collections.abc import Callable, Coroutine, Sequence
 from contextlib import AsyncExitStack, suppress
 from pathlib import Path
@@ -304,10 +305,43 @@ def status(manifest: Path | None, db: Path | None) -> None:
 @db_option
 @handle_errors
 def retry(manifest: Path | None, db: Path | None) -> None:
-    """Send failed jobs back to pending; the next `run` tries them again."""
+    """Send failed and cancelled jobs back to pending; the next `run` tries them again."""
     from batch_runner.status import retry_failed
 
     sys.exit(_run_async(retry_failed(_db_for(manifest, db), Console())))
+
+
+@main.command()
+@manifest_arg
+@db_option
+@click.option(
+    "--token",
+    metavar="TOKEN",
+    envvar="BATCH_RUNNER_TOKEN",
+    show_envvar=True,
+    help="Bearer token for the run's endpoints.",
+)
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="TOML file with per-endpoint tokens, as for run.",
+)
+@handle_errors
+def cancel(
+    manifest: Path | None, db: Path | None, token: str | None, config_file: Path | None
+) -> None:
+    """Cancel the run: withdraw its pending prompts from the servers' queues, interrupt its
+    running ones (by prompt id only; other users' prompts are never touched), and mark its
+    unfinished jobs cancelled. Stop a running `batch-runner run` first."""
+    from batch_runner.cancel import cancel_run
+    from batch_runner.config import endpoints_from_toml, load_toml
+
+    tokens: dict[str, str | None] = defaultdict(lambda: token)
+    if config_file is not None:
+        listed = load_toml(config_file).get("endpoints", [])
+        tokens.update({e.url: e.token for e in endpoints_from_toml(listed, config_file, 1)})
+    sys.exit(_run_async(cancel_run(_db_for(manifest, db), tokens, Console())))
 
 
 @main.command()

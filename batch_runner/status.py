@@ -21,13 +21,13 @@ async def _the_run(store: Store) -> RunRecord:
     return run
 
 
-def _require(db: Path) -> None:
+def require_db(db: Path) -> None:
     if not db.is_file():
         raise InputError(f"no run database at {db}; start the run first or give --db")
 
 
 async def print_status(db: Path, console: Console) -> int:
-    _require(db)
+    require_db(db)
     async with Store.open(db, exclusive=False) as store:
         run = await _the_run(store)
         counts = await store.counts(run.id)
@@ -53,7 +53,7 @@ async def print_status(db: Path, console: Console) -> int:
 
 
 async def retry_failed(db: Path, console: Console) -> int:
-    _require(db)
+    require_db(db)
     async with Store.open(db) as store:
         run = await _the_run(store)
         n = await store.retry_failed(run.id)
@@ -62,7 +62,7 @@ async def retry_failed(db: Path, console: Console) -> int:
 
 
 async def export_results(db: Path, output: Path | None, fmt: str) -> int:
-    _require(db)
+    require_db(db)
     writer = export.write_jsonl if fmt == "jsonl" else export.write_csv
     async with Store.open(db, exclusive=False) as store:
         run = await _the_run(store)

@@ -755,13 +755,14 @@ class Store:
             )
 
     async def retry_failed(self, run_id: int) -> int:
-        """Send every failed job back to pending with a fresh attempt budget."""
+        """Send every failed or cancelled job back to pending with a fresh attempt budget."""
+        again = (JobState.FAILED, JobState.CANCELLED)
         async with self._tx() as conn:
             ids = (
                 (
                     await conn.execute(
                         select(jobs.c.id).where(
-                            jobs.c.run_id == run_id, jobs.c.state == JobState.FAILED.value
+                            jobs.c.run_id == run_id, jobs.c.state.in_([s.value for s in again])
                         )
                     )
                 )
@@ -773,7 +774,7 @@ class Store:
                     conn,
                     job_id,
                     JobState.PENDING,
-                    allowed=(JobState.FAILED,),
+                    allowed=again,
                     detail="retry requested",
                     attempts=0,
                     next_eligible_at=None,
@@ -781,6 +782,43 @@ class Store:
                     finished_at=None,
                 )
             return len(ids)
+
+    async def cancel_all(self, run_id: int, reason: str) -> int:
+        """Cancel every job that has not finished; their open attempts are abandoned."""
+        async with self._tx() as conn:
+            rows = (
+                await conn.execute(
+                    select(jobs.c.id).where(
+                        jobs.c.run_id == run_id,
+                        jobs.c.state.not_in([s.value for s in TERMINAL]),
+                    )
+                )
+            ).all()
+            for (job_id,) in rows:
+                await conn.execute(
+                    update(attempts)
+                    .where(
+                        attempts.c.job_id == job_id,
+                        attempts.c.state.in_([s.value for s in ATTEMPT_OPEN]),
+                    )
+                    .values(
+                        state=AttemptState.ABANDONED.value,
+                        error=reason,
+                        error_kind="cancelled",
+                        finished_at=_now(),
+                    )
+                )
+                await self._move(
+                    conn,
+                    job_id,
+                    JobState.CANCELLED,
+                    allowed=frozenset(JobState) - TERMINAL,
+                    detail=reason,
+                    last_error=reason,
+                    error_kind="cancelled",
+                    finished_at=_now(),
+                )
+            return len(rows)
 
     # ---------------------------------------------------------------- uploads
 
