@@ -70,3 +70,7 @@ def decoded_frames(path: Path) -> tuple[int, int, int]:
         stream = container.streams.video[0]
         frames = sum(1 for _ in container.decode(stream))
         return frames, stream.codec_context.width, stream.codec_context.height
+
+
+#: The recorded ComfyUI traces: ../shared beside the repository, as on every machine and in CI.
+TRACES = Path(__file__).resolve().parents[2] / "shared" / "comfyui-protocol" / "traces"

@@ -20,15 +20,14 @@ import json
 import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import aiohttp
 from PIL import Image
 
 from batch_runner.emulator import Emulator
+from tests.helpers import TRACES
 
-TRACES = Path(__file__).resolve().parents[3] / "shared" / "comfyui-protocol" / "traces"
 WAIT = 10.0
 JsonDict = dict[str, Any]
 

@@ -6,7 +6,6 @@ import asyncio
 import json
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
-from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -33,8 +32,8 @@ from batch_runner.errors import (
     ServerError,
     WorkflowRejected,
 )
+from tests.helpers import TRACES
 
-TRACES = Path(__file__).resolve().parents[3] / "shared" / "comfyui-protocol" / "traces"
 TOKEN = "tok-3f9c1e77-secret"
 PLAIN_500 = "500 Internal Server Error\n\nServer got itself in trouble"
 

@@ -17,8 +17,8 @@ from batch_runner.comfy import events as ev
 from batch_runner.emulator import Emulator, EmulatorConfig, Faults
 from batch_runner.errors import DownloadIncomplete, EndpointUnavailable
 from batch_runner.outputs import download, verify_video
+from tests.helpers import TRACES
 
-TRACES = Path(__file__).resolve().parents[3] / "shared" / "comfyui-protocol" / "traces"
 FAST = EmulatorConfig(step_ms=1.0, video_max_side=64)
 STEP = 10.0
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -11,8 +10,7 @@ import pytest
 from batch_runner.comfy import events as ev
 from batch_runner.comfy.events import parse_message
 from batch_runner.comfy.models import OutputFile
-
-TRACES = Path(__file__).resolve().parents[3] / "shared" / "comfyui-protocol" / "traces"
+from tests.helpers import TRACES
 
 EXPECTED: dict[str, type | None] = {
     "status": ev.Status,

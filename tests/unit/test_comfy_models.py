@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,8 +18,7 @@ from batch_runner.comfy.models import (
     parse_queue,
 )
 from batch_runner.errors import ExecutionFailed, ExecutionTransient
-
-TRACES = Path(__file__).resolve().parents[3] / "shared" / "comfyui-protocol" / "traces"
+from tests.helpers import TRACES
 
 
 def _answers(method: str, path_prefix: str, status: int = 200) -> list[tuple[str, Any]]:

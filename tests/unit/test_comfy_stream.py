@@ -6,7 +6,6 @@ import asyncio
 import json
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -17,8 +16,8 @@ from batch_runner.comfy import events as ev
 from batch_runner.comfy.config import DEFAULT_LIMITS, Endpoint, Limits
 from batch_runner.comfy.events import parse_message
 from batch_runner.comfy.stream import EventStream
+from tests.helpers import TRACES
 
-TRACES = Path(__file__).resolve().parents[3] / "shared" / "comfyui-protocol" / "traces"
 TOKEN = "tok-ws-5d1e-secret"
 STEP = 5.0  # upper bound for any single expected item; normally milliseconds
 
