@@ -6,6 +6,7 @@ import asyncio
 import functools
 import logging
 import os
+import re
 import signal
 import sys
 from collections import defaultdict
@@ -34,9 +35,24 @@ stderr = Console(stderr=True)
 log = logging.getLogger("batch_runner")
 
 
+_SECRET = re.compile(r"(?i)(authorization:\s*bearer\s+|bearer\s+)\S+")
+
+
+class RedactSecrets(logging.Filter):
+    """Mask bearer tokens in every log line, including libraries' debug dumps of headers."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        redacted = _SECRET.sub(r"\1***", message)
+        if redacted != message:
+            record.msg, record.args = redacted, None
+        return True
+
+
 def _setup_logging(debug: bool, quiet: bool) -> None:
     level = logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO
     handler = RichHandler(console=stderr, show_path=debug, rich_tracebacks=debug, markup=False)
+    handler.addFilter(RedactSecrets())
     logging.basicConfig(level=level, handlers=[handler], format="%(message)s", force=True)
     if not debug:
         # Third-party libraries speak only when something is wrong.
