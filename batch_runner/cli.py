@@ -298,7 +298,9 @@ def _print_summary(settings: RunSettings, summary: Any) -> None:
 
     out = Console()
     out.print(f"{describe(summary.counts)}; videos in {settings.output_dir}", highlight=False)
-    if summary.stopped:
+    if summary.stop_reason:
+        stderr.print(f"[bold red]stopped:[/] {summary.stop_reason}", markup=True, highlight=False)
+    elif summary.stopped:
         out.print("stopped before the end; run the same command again to resume")
 
 

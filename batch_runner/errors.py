@@ -7,6 +7,7 @@
     │   └── WorkflowError           a workflow file, binding or template parameter
     ├── StoreError                  the run database
     │   ├── RunLocked               another runner is using this database
+    │   ├── DatabaseLocked          another program held the database's write lock too long
     │   ├── TransitionRejected      a state change whose precondition no longer holds
     │   └── SchemaError             the database was made by a newer batch_runner
     ├── EndpointError               talking to one ComfyUI endpoint
@@ -87,6 +88,10 @@ class StoreError(BatchRunnerError):
 
 class RunLocked(StoreError):
     """Another batch-runner process is using this run database."""
+
+
+class DatabaseLocked(StoreError):
+    """Another program kept the run database locked for too long."""
 
 
 class TransitionRejected(StoreError):

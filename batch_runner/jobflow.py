@@ -52,6 +52,14 @@ class JobFlow:
     settings: RunSettings
     planner: Planner
     stopping: asyncio.Event
+    #: why the run stopped by itself (disk full), for the summary
+    stop_reason: str | None = None
+
+    def request_stop(self, reason: str) -> None:
+        if self.stop_reason is None:
+            self.stop_reason = reason
+            log.error("stopping the run: %s", reason)
+        self.stopping.set()
 
     # ---------------------------------------------------------------- entry points
 
@@ -274,6 +282,11 @@ class JobFlow:
                     )
                 await asyncio.to_thread(_promote, incoming, final)
                 break
+            except outputs.DiskFull as exc:
+                # The video is safe on the server: leave the job fetching for the next run to
+                # download, and stop taking work that would need disk space we lack.
+                self.request_stop(f"{exc}; free some space and run the same command again")
+                return
             except DownloadIncomplete as exc:
                 if try_number == DOWNLOAD_TRIES:
                     await self._attempt_error(job, attempt, lane, exc)

@@ -43,6 +43,7 @@ class RunSummary:
     stopped: bool
     requeued_outputs: int = 0
     skipped_rows: list[ManifestProblem] = field(default_factory=list)
+    stop_reason: str | None = None
 
     @property
     def exit_code(self) -> int:
@@ -217,4 +218,4 @@ async def run_batch(
                 watcher.cancel()
                 await asyncio.gather(watcher, return_exceptions=True)
         counts = await store.counts(run.id)
-    return RunSummary(counts, report, stopping.is_set(), requeued, skipped)
+    return RunSummary(counts, report, stopping.is_set(), requeued, skipped, flow.stop_reason)

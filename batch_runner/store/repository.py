@@ -18,10 +18,11 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Select, and_, column, func, insert, or_, select, table, update
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from batch_runner import clock, crashpoints
-from batch_runner.errors import TransitionRejected
+from batch_runner.errors import DatabaseLocked, TransitionRejected
 from batch_runner.states import ATTEMPT_OPEN, IN_FLIGHT, TERMINAL, AttemptState, JobState
 from batch_runner.store import engine as engine_mod
 from batch_runner.store.models import attempts, endpoints, job_events, jobs, runs, uploads
@@ -35,6 +36,7 @@ from batch_runner.store.records import (
 )
 
 INGEST_BATCH = 2000
+LOCK_RETRIES = 5
 # Keys seen by the ingest in progress (a per-connection temp table) to find removed rows.
 _INGEST_KEYS: Select[tuple[Any]] = select(column("key")).select_from(table("ingest_keys"))
 
@@ -95,10 +97,32 @@ class Store:
 
     @asynccontextmanager
     async def _tx(self) -> AsyncIterator[AsyncConnection]:
-        async with self._lock:
-            async with self._engine.begin() as conn:
+        """One write transaction. Taking SQLite's write lock is the only step that can meet
+        another program's lock (in WAL mode a begun transaction commits without waiting), so
+        that step alone is retried, with backoff, before giving up with a typed error."""
+        async with self._lock, self._engine.connect() as conn:
+            for attempt in range(1, LOCK_RETRIES + 1):
+                try:
+                    transaction = await conn.begin()
+                    break
+                except OperationalError as exc:
+                    if "locked" not in str(exc) and "busy" not in str(exc):
+                        raise
+                    await conn.rollback()
+                    if attempt == LOCK_RETRIES:
+                        raise DatabaseLocked(
+                            f"{self.path} stayed locked by another program for "
+                            f"{LOCK_RETRIES} × {engine_mod.BUSY_TIMEOUT_MS / 1000:g} s; "
+                            "close whatever holds it and run the same command again"
+                        ) from exc
+                    await asyncio.sleep(0.1 * attempt)
+            try:
                 yield conn
-            crashpoints.reached("commit")
+            except BaseException:
+                await transaction.rollback()
+                raise
+            await transaction.commit()
+        crashpoints.reached("commit")
 
     # ---------------------------------------------------------------- runs and endpoints
 

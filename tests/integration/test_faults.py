@@ -9,6 +9,8 @@ from collections.abc import Callable
 from contextlib import AsyncExitStack
 from pathlib import Path
 
+import pytest
+
 from batch_runner.config import RunSettings
 from batch_runner.emulator import Emulator, EmulatorConfig, Faults
 from batch_runner.runner import RunSummary, run_batch, template_for
@@ -144,3 +146,38 @@ async def test_missing_model_fails_at_once_with_the_server_message(tmp_path: Pat
     assert tries == [1, 1], "a rejected workflow is not retried"
     assert all("wan2.2_i2v_high_noise_14B_fp8_scaled.safetensors" in e for e in errors)
     assert emulator.executions == {}
+
+
+async def test_disk_full_stops_the_run_resumably_with_no_partial_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    from batch_runner import outputs
+
+    manifest = batch(tmp_path, 4)
+    real_stream_to = outputs._stream_to
+    calls = 0
+
+    async def fill_disk(response, part, limit, filename, endpoint):  # type: ignore[no-untyped-def]
+        nonlocal calls
+        calls += 1
+        if calls == 2:  # the second download meets a full disk half-way
+            part.write_bytes(b"half a video")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return await real_stream_to(response, part, limit, filename, endpoint)
+
+    async with Emulator(config()) as emulator:
+        settings = settings_for(manifest, [emulator.url], max_inflight=1)
+        monkeypatch.setattr(outputs, "_stream_to", fill_disk)
+        stopped = await run(settings)
+        assert stopped.exit_code == 130
+        assert stopped.stop_reason is not None and "No space left" in stopped.stop_reason
+        assert stopped.counts[JobState.FETCHING] == 1
+        assert not list(settings.output_dir.rglob("*.part"))
+        assert len(list(settings.output_dir.glob("*.mp4"))) == 1
+
+        monkeypatch.setattr(outputs, "_stream_to", real_stream_to)
+        resumed = await run(settings)
+    assert resumed.exit_code == 0
+    assert set(emulator.executions.values()) == {1} and len(emulator.executions) == 4

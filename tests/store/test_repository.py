@@ -154,3 +154,48 @@ async def test_attempt_states_survive_reopen(tmp_path: Path) -> None:
         [(j, a)] = await s.in_flight(run.id)
         assert (j.key, a.prompt_id, a.state) == ("k0", attempt.prompt_id, AttemptState.INTENT)
         assert a.graph == {"g": 1}
+
+
+async def test_a_lock_held_elsewhere_gives_a_typed_error_and_loses_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from batch_runner.errors import DatabaseLocked
+    from batch_runner.store import engine as engine_mod
+
+    monkeypatch.setattr(engine_mod, "BUSY_TIMEOUT_MS", 50)
+    path = tmp_path / "run.sqlite"
+    async with Store.open(path) as store:
+        run = await store.ensure_run("default", "m.csv")
+        await store.ingest(run.id, rows(1))
+        other = sqlite3.connect(path, isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")  # another program takes the write lock and keeps it
+        with pytest.raises(DatabaseLocked, match="locked by another program"):
+            await store.retry_failed(run.id)
+        other.execute("ROLLBACK")
+        other.close()
+        ep = await store.ensure_endpoint(run.id, "http://127.0.0.1:1")
+        [job] = await store.claim(run.id, ep.id)
+        assert job.state is JobState.PREPARING
+
+
+async def test_a_briefly_held_lock_is_waited_out(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import threading
+
+    from batch_runner.store import engine as engine_mod
+
+    monkeypatch.setattr(engine_mod, "BUSY_TIMEOUT_MS", 50)
+    path = tmp_path / "run.sqlite"
+    async with Store.open(path) as store:
+        run = await store.ensure_run("default", "m.csv")
+        await store.ingest(run.id, rows(1))
+        other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        other.execute("BEGIN IMMEDIATE")
+        release = threading.Timer(0.15, lambda: other.execute("ROLLBACK"))
+        release.start()
+        ep = await store.ensure_endpoint(run.id, "http://127.0.0.1:1")
+        release.join()
+        other.close()
+        [job] = await store.claim(run.id, ep.id)
+        assert job.key == "k0"
