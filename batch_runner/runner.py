@@ -119,7 +119,10 @@ async def ingest(
     run = await store.only_run()
     stamp = await asyncio.to_thread(manifest_stamp, settings.manifest)
     fingerprint = template.fingerprint()
-    if run is not None and run.manifest_stamp == stamp and run.workflow_fingerprint == fingerprint:
+    unchanged = (
+        run is not None and run.manifest_stamp == stamp and run.workflow_fingerprint == fingerprint
+    )
+    if unchanged and not settings.rerun_changed:
         return IngestReport(), []
     _good, problems = await asyncio.to_thread(check_manifest, settings.manifest, template)
     if problems and not settings.skip_invalid:

@@ -103,6 +103,8 @@ attempts = Table(
     Column("finished_at", Float, nullable=True),
     Index(None, "job_id"),
     Index(None, "state"),
+    # Per-endpoint questions: what is in flight there (cancel, takeover), counts for status.
+    Index(None, "endpoint_id", "state"),
 )
 
 uploads = Table(
