@@ -203,7 +203,15 @@ class JobFlow:
             try:
                 await asyncio.wait_for(watch.changed.wait(), timeout=max(0.01, remaining))
             except TimeoutError:
-                await lane.reconcile(watch, after_silence=True)
+                try:
+                    await lane.reconcile(watch, after_silence=True)
+                except EndpointGone:
+                    raise
+                except TransientError as exc:
+                    # Not knowing is no reason to give up on a prompt that may be running:
+                    # ask again after the next silence period.
+                    log.info("%s: could not check %s: %s", lane.name, job.key, exc)
+                    watch.touch()
 
     # ---------------------------------------------------------------- outcome
 
