@@ -40,6 +40,8 @@ from batch_runner.tracking import PromptWatch, outcome_of
 log = logging.getLogger(__name__)
 
 DOWNLOAD_TRIES = 3
+#: consecutive failed checks of a silent prompt before its attempt is given up
+MAX_FAILED_CHECKS = 5
 
 
 class StaleUpload(TransientError):
@@ -192,6 +194,7 @@ class JobFlow:
         self, job: JobRecord, attempt: AttemptRecord, lane: Lane, watch: PromptWatch
     ) -> None:
         silence = self.settings.timeouts.silence
+        failed_checks = 0
         while True:
             if watch.started and not watch.recorded_running:
                 watch.recorded_running = True
@@ -209,9 +212,14 @@ class JobFlow:
                     raise
                 except TransientError as exc:
                     # Not knowing is no reason to give up on a prompt that may be running:
-                    # ask again after the next silence period.
+                    # ask again after the next silence period, a few times.
+                    failed_checks += 1
+                    if failed_checks >= MAX_FAILED_CHECKS:
+                        raise
                     log.info("%s: could not check %s: %s", lane.name, job.key, exc)
                     watch.touch()
+                else:
+                    failed_checks = 0
 
     # ---------------------------------------------------------------- outcome
 
