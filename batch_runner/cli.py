@@ -22,6 +22,7 @@ from rich.logging import RichHandler
 from batch_runner import __version__
 from batch_runner.config import RunSettings, build_settings, default_db
 from batch_runner.errors import BatchRunnerError, InputError, RunLocked
+from batch_runner.store.location import DbLocation, location
 
 if TYPE_CHECKING:
     from batch_runner.lane import Lane
@@ -104,7 +105,7 @@ def main(debug: bool, quiet: bool) -> None:
     _setup_logging(debug, quiet)
 
 
-def _db_for(manifest: Path | None, db: Path | None) -> Path:
+def _db_for(manifest: Path | None, db: DbLocation | None) -> DbLocation:
     if db is not None:
         return db
     if manifest is None:
@@ -112,13 +113,25 @@ def _db_for(manifest: Path | None, db: Path | None) -> Path:
     return default_db(manifest)
 
 
+def _db_location(ctx: click.Context, param: click.Parameter, value: str | None) -> Any:
+    """``--db``: a file path, or a database URL kept as text."""
+    if value is None:
+        return None
+    given = location(value)
+    if isinstance(given, Path) and given.is_dir():
+        raise click.BadParameter(f"{given} is a directory; give a file path or a database URL")
+    return given
+
+
 manifest_arg = click.argument(
     "manifest", type=click.Path(dir_okay=False, path_type=Path), required=False
 )
 db_option = click.option(
     "--db",
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="Run database (default: MANIFEST.batch.sqlite beside the manifest).",
+    callback=_db_location,
+    metavar="PATH|URL",
+    help="Run database: an SQLite file (default: MANIFEST.batch.sqlite beside the manifest), "
+    "or postgresql+asyncpg://USER:PASS@HOST/DB shared by several runners.",
 )
 
 
@@ -195,7 +208,7 @@ def run(
     endpoints: tuple[str, ...],
     token: str | None,
     config_file: Path | None,
-    db: Path | None,
+    db: DbLocation | None,
     output_dir: Path | None,
     workflow: Path | None,
     binds: tuple[str, ...],
@@ -311,7 +324,7 @@ def _print_summary(settings: RunSettings, summary: Any) -> None:
 @manifest_arg
 @db_option
 @handle_errors
-def status(manifest: Path | None, db: Path | None) -> None:
+def status(manifest: Path | None, db: DbLocation | None) -> None:
     """Counts per state and per endpoint, and the failures with their reasons."""
     from batch_runner.status import print_status
 
@@ -322,7 +335,7 @@ def status(manifest: Path | None, db: Path | None) -> None:
 @manifest_arg
 @db_option
 @handle_errors
-def retry(manifest: Path | None, db: Path | None) -> None:
+def retry(manifest: Path | None, db: DbLocation | None) -> None:
     """Send failed and cancelled jobs back to pending; the next `run` tries them again."""
     from batch_runner.status import retry_failed
 
@@ -347,7 +360,7 @@ def retry(manifest: Path | None, db: Path | None) -> None:
 )
 @handle_errors
 def cancel(
-    manifest: Path | None, db: Path | None, token: str | None, config_file: Path | None
+    manifest: Path | None, db: DbLocation | None, token: str | None, config_file: Path | None
 ) -> None:
     """Cancel the run: withdraw its pending prompts from the servers' queues, interrupt its
     running ones (by prompt id only; other users' prompts are never touched), and mark its
@@ -378,7 +391,9 @@ def cancel(
     help="Default: from the --output extension, else csv.",
 )
 @handle_errors
-def export(manifest: Path | None, db: Path | None, output: Path | None, fmt: str | None) -> None:
+def export(
+    manifest: Path | None, db: DbLocation | None, output: Path | None, fmt: str | None
+) -> None:
     """Write one row per job: inputs, resolved parameters, endpoint, output file, checksum,
     timings, attempts and last error. CSV cells are guarded against formula injection."""
     from batch_runner.status import export_results

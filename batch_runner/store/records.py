@@ -125,3 +125,19 @@ class IngestReport:
     #: keys of rows that are no longer in the manifest; they are not run
     removed: tuple[str, ...] = ()
     restored: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class RunnerRecord:
+    """One runner process registered on a shared run."""
+
+    id: int
+    name: str
+    host: str
+    pid: int
+    heartbeat_at: float
+    stopped_at: float | None
+
+    @classmethod
+    def from_row(cls, row: Any) -> RunnerRecord:
+        return cls(row.id, row.name, row.host, row.pid, row.heartbeat_at, row.stopped_at)
