@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import logging
 import os
@@ -202,6 +203,26 @@ def _run_async(coro: Coroutine[Any, Any, int]) -> int:
     is_flag=True,
     help="Run again the finished rows whose manifest content changed.",
 )
+@click.option(
+    "--runner-name",
+    metavar="NAME",
+    help="With a PostgreSQL --db: this runner's name in the run (default: the host name); "
+    "restarted under the same name, it resumes its own jobs.",
+)
+@click.option(
+    "--takeover-after",
+    type=click.FloatRange(min=1.0),
+    default=60.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="With a PostgreSQL --db: adopt the jobs of a runner silent this long.",
+)
+@click.option(
+    "--metrics-port",
+    type=click.IntRange(min=0, max=65535),
+    metavar="PORT",
+    help="Serve Prometheus metrics on http://127.0.0.1:PORT/metrics (0: any free port).",
+)
 @handle_errors
 def run(
     manifest: Path,
@@ -218,6 +239,9 @@ def run(
     emulate: int | None,
     skip_invalid: bool,
     rerun_changed: bool,
+    runner_name: str | None,
+    takeover_after: float,
+    metrics_port: int | None,
 ) -> None:
     """Run (or resume) the batch in MANIFEST (.csv or .jsonl).
 
@@ -240,6 +264,12 @@ def run(
         max_attempts=max_attempts,
         skip_invalid=skip_invalid,
         rerun_changed=rerun_changed,
+    )
+    settings = dataclasses.replace(
+        settings,
+        runner_name=runner_name,
+        takeover_after=takeover_after,
+        metrics_port=metrics_port,
     )
     if not settings.endpoints and not emulate:
         raise click.UsageError(

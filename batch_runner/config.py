@@ -73,6 +73,12 @@ class RunSettings:
     skip_invalid: bool = False
     rerun_changed: bool = False
     verify_video: bool = True
+    #: shared database only: this runner's name among the runners of the run
+    runner_name: str | None = None
+    #: shared database only: a runner silent this long is presumed gone and its jobs adopted
+    takeover_after: float = 60.0
+    #: serve Prometheus metrics on this loopback port
+    metrics_port: int | None = None
 
 
 def default_db(manifest: Path) -> Path:

@@ -90,6 +90,10 @@ class RunLocked(StoreError):
     """Another batch-runner process is using this run database."""
 
 
+class RunnerSuperseded(StoreError):
+    """Another runner presumed this one dead and took over its jobs."""
+
+
 class DatabaseLocked(StoreError):
     """Another program kept the run database locked for too long."""
 
