@@ -54,9 +54,7 @@ class FleetMember:
     takeover_after: float
 
     @classmethod
-    async def join(
-        cls, store: Store, run_id: int, name: str, takeover_after: float
-    ) -> FleetMember:
+    async def join(cls, store: Store, run_id: int, name: str, takeover_after: float) -> FleetMember:
         """Register as ``name``; refuse if a live runner already works under that name."""
         host, pid = socket.gethostname(), os.getpid()
         previous = await store.runner_named(run_id, name)
@@ -88,9 +86,7 @@ class FleetMember:
         client_id = uuid.uuid5(uuid.UUID(hex=record.client_id), self.runner.name).hex
         return EndpointRecord(record.id, record.url, client_id)
 
-    async def take_over(
-        self, endpoint_ids: Iterable[int]
-    ) -> list[tuple[JobRecord, AttemptRecord]]:
+    async def take_over(self, endpoint_ids: Iterable[int]) -> list[tuple[JobRecord, AttemptRecord]]:
         stale_before = clock.now().timestamp() - self.takeover_after
         adopted = await self.store.take_over(self.run_id, self.id, endpoint_ids, stale_before)
         if adopted:

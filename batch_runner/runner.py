@@ -171,6 +171,26 @@ async def _join_fleet(
     return member
 
 
+async def _serve_metrics(
+    store: Store,
+    run_id: int,
+    lanes: Sequence[Lane],
+    runner_id: int | None,
+    settings: RunSettings,
+    stack: AsyncExitStack,
+) -> asyncio.Task[None] | None:
+    """With --metrics-port: serve the metrics and keep them fresh (the task) until the end."""
+    if settings.metrics_port is None:
+        return None
+    from batch_runner.metrics import RunMetrics
+
+    metrics = RunMetrics(store, run_id, lanes, runner_id)
+    await metrics.refresh()
+    metrics.start(settings.metrics_port)
+    stack.push_async_callback(metrics.close)
+    return asyncio.create_task(metrics.keep_fresh(), name="metrics")
+
+
 async def run_batch(
     settings: RunSettings,
     template: WorkflowTemplate,
@@ -237,6 +257,7 @@ async def run_batch(
                 attempt_state=AttemptState.ABANDONED,
             )
         watcher = asyncio.create_task(monitor(store, run.id, lanes)) if monitor else None
+        metrics = await _serve_metrics(store, run.id, lanes, runner_id, settings, stack)
         try:
             if member is None:
                 await scheduler.run()
@@ -247,8 +268,9 @@ async def run_batch(
                     scheduler.run(), member.keep_alive(endpoint_ids, scheduler.adopt_more)
                 )
         finally:
-            if watcher is not None:
-                watcher.cancel()
-                await asyncio.gather(watcher, return_exceptions=True)
+            for task in (watcher, metrics):
+                if task is not None:
+                    task.cancel()
+                    await asyncio.gather(task, return_exceptions=True)
         counts = await store.counts(run.id)
     return RunSummary(counts, report, stopping.is_set(), requeued, skipped, flow.stop_reason)

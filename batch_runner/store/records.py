@@ -141,3 +141,15 @@ class RunnerRecord:
     @classmethod
     def from_row(cls, row: Any) -> RunnerRecord:
         return cls(row.id, row.name, row.host, row.pid, row.heartbeat_at, row.stopped_at)
+
+
+@dataclass(frozen=True)
+class Observations:
+    """Timings that ended after a point in time, for the metrics histograms."""
+
+    #: seconds from first claim to success, per job that succeeded
+    job_durations: tuple[float, ...]
+    #: seconds from the server accepting a prompt to starting it, per attempt that started
+    queue_waits: tuple[float, ...]
+    #: the newest end time seen: pass it back to get only newer timings next time
+    until: float

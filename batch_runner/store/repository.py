@@ -49,6 +49,7 @@ from batch_runner.store.records import (
     IngestReport,
     JobRecord,
     NewJob,
+    Observations,
     RunnerRecord,
     RunRecord,
 )
@@ -1246,6 +1247,57 @@ class Store:
                     )
                 ).scalar_one()
             )
+
+    # ---------------------------------------------------------------- metrics
+
+    async def observations(
+        self, run_id: int, since: float, runner_id: int | None = None
+    ) -> Observations:
+        """Job durations and queue waits that ended after ``since`` (on a shared database,
+        of ``runner_id``'s jobs, so runners' histograms add up without double counting)."""
+        mine = jobs.c.runner_id == runner_id if runner_id is not None else jobs.c.id.is_not(None)
+        async with self._tx() as conn:
+            done = (
+                await conn.execute(
+                    select(jobs.c.started_at, jobs.c.finished_at).where(
+                        jobs.c.run_id == run_id,
+                        jobs.c.state == JobState.SUCCEEDED.value,
+                        jobs.c.finished_at > since,
+                        jobs.c.started_at.is_not(None),
+                        mine,
+                    )
+                )
+            ).all()
+            started = (
+                await conn.execute(
+                    select(attempts.c.submitted_at, attempts.c.started_at)
+                    .select_from(attempts.join(jobs, attempts.c.job_id == jobs.c.id))
+                    .where(
+                        jobs.c.run_id == run_id,
+                        attempts.c.started_at > since,
+                        attempts.c.submitted_at.is_not(None),
+                        mine,
+                    )
+                )
+            ).all()
+        until = max([since, *(r.finished_at for r in done), *(r.started_at for r in started)])
+        return Observations(
+            job_durations=tuple(r.finished_at - r.started_at for r in done),
+            queue_waits=tuple(max(0.0, r.started_at - r.submitted_at) for r in started),
+            until=until,
+        )
+
+    async def failure_reasons(self, run_id: int) -> dict[str, int]:
+        """Attempts that ended in an error, by its kind (every runner's)."""
+        ended = [AttemptState.FAILED.value, AttemptState.LOST.value, AttemptState.ABANDONED.value]
+        async with self._tx() as conn:
+            rows = await conn.execute(
+                select(attempts.c.error_kind, func.count())
+                .select_from(attempts.join(jobs, attempts.c.job_id == jobs.c.id))
+                .where(jobs.c.run_id == run_id, attempts.c.state.in_(ended))
+                .group_by(attempts.c.error_kind)
+            )
+            return {kind or "unknown": n for kind, n in rows}
 
 
 async def _latest_attempt(conn: AsyncConnection, job_id: int) -> AttemptRecord:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import itertools
+import re
 import signal
 import subprocess
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -12,6 +14,7 @@ import pytest
 
 from tests.acceptance.conftest import start_cli, wait_for
 from tests.fleet.conftest import executions, manifest, query
+from tests.pgserver import free_port
 
 _started: list[subprocess.Popen[str]] = []
 
@@ -155,3 +158,32 @@ def test_a_second_live_runner_under_the_same_name_is_refused(
     assert "already working this run" in err and "--runner-name" in err
     code, err = finish(first)
     assert code == 0, err
+
+
+def test_metrics_are_scraped_during_a_run(
+    tmp_path: Path, pg_url: str, emulators: Callable[..., list[str]]
+) -> None:
+    manifest(tmp_path, 6)
+    urls = emulators(1, step_ms=30)
+    port = free_port()
+    proc = runner(tmp_path, pg_url, "m", urls, "--metrics-port", str(port))
+    scraped: list[str] = []
+
+    def scrape() -> bool:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as answer:
+                scraped.append(answer.read().decode())
+        except OSError:
+            return False
+        return "batch_runner_job_duration_seconds_count 2.0" in scraped[-1]
+
+    wait_for(scrape, "metrics showing two jobs finished by this runner")
+    text = scraped[-1]
+    code, err = finish(proc)
+    assert code == 0, err
+    succeeded = re.search(r'batch_runner_jobs\{state="succeeded"\} (\d+)', text)
+    assert succeeded is not None and int(succeeded.group(1)) >= 2
+    assert f'batch_runner_endpoint_done{{endpoint="{urls[0]}"}}' in text
+    assert 'batch_runner_job_duration_seconds_bucket{le="+Inf"} 2.0' in text
+    assert "batch_runner_queue_wait_seconds_count" in text
+    assert "batch_runner_websocket_reconnects_total" in text
