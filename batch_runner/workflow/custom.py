@@ -55,9 +55,7 @@ def read_json_file(path: Path, what: str = "workflow file") -> Any:
     except FileNotFoundError:
         raise WorkflowError(f"{path}: {what} not found") from None
     except UnicodeDecodeError:
-        raise WorkflowError(
-            f"{path}: not UTF-8 text; save it from ComfyUI again"
-        ) from None
+        raise WorkflowError(f"{path}: not UTF-8 text; save it from ComfyUI again") from None
     except OSError as exc:
         raise WorkflowError(f"{path}: cannot be read: {exc.strerror}") from None
     try:
