@@ -110,7 +110,7 @@ def as_book(templates: WorkflowTemplate | TemplateBook, settings: RunSettings) -
     (API-format files, or UI ones when ``settings.object_info`` is set)."""
     if isinstance(templates, TemplateBook):
         return templates
-    return TemplateBook(templates, _loader(settings, None))
+    return TemplateBook(templates, _loader(settings, None, None))
 
 
 def built_in_template(settings: RunSettings, name: str | None = None) -> WorkflowTemplate:
@@ -123,13 +123,15 @@ def built_in_template(settings: RunSettings, name: str | None = None) -> Workflo
     return wan22_template(lora_high=high, lora_low=low)
 
 
-def default_template(settings: RunSettings, schemas: Schemas | None = None) -> WorkflowTemplate:
+def default_template(
+    settings: RunSettings, schemas: Schemas | None = None, why_no_schemas: str | None = None
+) -> WorkflowTemplate:
     """The template of rows without a ``workflow``: ``--workflow`` with its bindings, or the
     built-in one."""
     if settings.workflow is not None:
         if settings.lora_high or settings.lora_low or settings.fast4:
             raise ConfigError("--lora-high, --lora-low and --fast4 apply to the built-in template")
-        graph = load_workflow(settings.workflow, schemas or _file_schemas(settings))
+        graph = load_workflow(settings.workflow, schemas or _file_schemas(settings), why_no_schemas)
         binds = [f"{name}={target}" for name, target in settings.bindings.items()]
         template = custom_template(graph, binds, name=settings.workflow.name)
     else:
@@ -143,14 +145,16 @@ def _with_preset(template: WorkflowTemplate, settings: RunSettings) -> WorkflowT
     return template.with_defaults(preset=settings.preset) if settings.preset else template
 
 
-def _loader(settings: RunSettings, schemas: Schemas | None) -> Callable[[str], WorkflowTemplate]:
+def _loader(
+    settings: RunSettings, schemas: Schemas | None, why_no_schemas: str | None
+) -> Callable[[str], WorkflowTemplate]:
     def load(name: str) -> WorkflowTemplate:
         if name in BUILT_IN_NAMES:
             if name in settings.workflow_bindings:
                 raise WorkflowError("bindings apply to workflow files, not built-in templates")
             return _with_preset(built_in_template(settings, name), settings)
         path = settings.manifest.parent / name
-        graph = load_workflow(path, schemas or _file_schemas(settings))
+        graph = load_workflow(path, schemas or _file_schemas(settings), why_no_schemas)
         table = settings.workflow_bindings.get(name)
         return _with_preset(custom_template(graph, bind_table=table, name=name), settings)
 
@@ -175,7 +179,7 @@ async def fetch_object_info(urls: Sequence[tuple[str, str | None]]) -> Schemas:
             "a UI-format workflow is converted with a server's node schemas: give --endpoint "
             "URL or --object-info FILE (a saved /object_info answer)"
         )
-    failures = []
+    failures: list[str] = []
     for url, token in urls:
         try:
             async with ComfyClient(Endpoint(url, token), limits=_OBJECT_INFO_LIMITS) as client:
@@ -183,8 +187,8 @@ async def fetch_object_info(urls: Sequence[tuple[str, str | None]]) -> Schemas:
         except EndpointError as exc:
             failures.append(f"{url}: {exc}")
     raise InputError(
-        "UI-format workflows are converted with a server's /object_info, and no endpoint "
-        f"answered ({'; '.join(failures)}); give --object-info FILE instead"
+        f"no endpoint answered /object_info ({'; '.join(failures)}); give --object-info FILE "
+        "(a saved /object_info answer) instead"
     )
 
 
@@ -207,9 +211,15 @@ async def load_workflows(settings: RunSettings) -> TemplateBook:
     if settings.workflow is not None:
         files.append(settings.workflow)
     schemas = _file_schemas(settings) if settings.object_info else None
+    why_not = None
     if schemas is None and await asyncio.to_thread(_needs_schemas, files):
-        schemas = await fetch_object_info([(e.url, e.token) for e in settings.endpoints])
-    book = TemplateBook(default_template(settings, schemas), _loader(settings, schemas))
+        try:
+            schemas = await fetch_object_info([(e.url, e.token) for e in settings.endpoints])
+        except InputError as exc:
+            # Only the rows using a UI-format file fail, each saying why.
+            why_not = exc.message
+    default = default_template(settings, schemas, why_not)
+    book = TemplateBook(default, _loader(settings, schemas, why_not))
     await asyncio.to_thread(book.preload, names)
     return book
 

@@ -32,15 +32,19 @@ def load_api_workflow(path: Path) -> Graph:
     return graph
 
 
-def load_workflow(path: Path, schemas: Mapping[str, Any] | None) -> Graph:
+def load_workflow(
+    path: Path, schemas: Mapping[str, Any] | None, why_no_schemas: str | None = None
+) -> Graph:
     """Read a workflow file in API or UI format; a UI-format one is converted with
-    ``schemas`` (a server's ``/object_info``), which it cannot do without."""
+    ``schemas`` (a server's ``/object_info``), which it cannot do without (``why_no_schemas``
+    then says why there are none)."""
     data = read_json_file(path)
     if is_ui_workflow(data):
         if schemas is None:
             raise WorkflowError(
-                f"{path}: this workflow is in ComfyUI's UI format; converting it needs the "
-                "server's node schemas: give --endpoint URL or --object-info FILE"
+                f"{path}: this workflow is in ComfyUI's UI format; converting it needs a "
+                "server's node schemas: "
+                + (why_no_schemas or "give --endpoint URL or --object-info FILE")
             )
         return convert_ui_workflow(data, schemas, str(path))
     check_api_graph(data, str(path))
