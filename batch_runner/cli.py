@@ -429,7 +429,7 @@ def export(manifest: Path | None, db: Path | None, output: Path | None, fmt: str
 
 
 @main.command()
-@click.argument("manifest", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("manifest", type=click.Path(path_type=Path))
 @click.option(
     "--config",
     "config_file",
