@@ -390,10 +390,25 @@ def export(manifest: Path | None, db: Path | None, output: Path | None, fmt: str
 @main.command()
 @click.argument("manifest", type=click.Path(dir_okay=False, path_type=Path))
 @click.option(
+    "--endpoint",
+    "-e",
+    "endpoints",
+    multiple=True,
+    metavar="URL",
+    help="Also check this ComfyUI server can run the workflow (repeat for several).",
+)
+@click.option(
+    "--token",
+    metavar="TOKEN",
+    envvar="BATCH_RUNNER_TOKEN",
+    show_envvar=True,
+    help="Bearer token sent to every --endpoint.",
+)
+@click.option(
     "--config",
     "config_file",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="TOML file, as for run.",
+    help="TOML file, as for run (its endpoints are checked too).",
 )
 @click.option(
     "--workflow",
@@ -401,33 +416,43 @@ def export(manifest: Path | None, db: Path | None, output: Path | None, fmt: str
     help="Custom API-format workflow the rows must fit.",
 )
 @click.option("--bind", "binds", multiple=True, metavar="FIELD=NODE.INPUT")
+@click.option("--preset", type=click.Choice(["480p", "720p"]), help="Resolution preset.")
 @handle_errors
 def validate(
-    manifest: Path, config_file: Path | None, workflow: Path | None, binds: tuple[str, ...]
+    manifest: Path,
+    endpoints: tuple[str, ...],
+    token: str | None,
+    config_file: Path | None,
+    workflow: Path | None,
+    binds: tuple[str, ...],
+    preset: str | None,
 ) -> None:
-    """Check MANIFEST without sending anything: every problem with file, line and column."""
-    from batch_runner.errors import ManifestError
-    from batch_runner.runner import check_manifest, template_for
+    """Check MANIFEST without sending anything: every problem with file, line and column.
+
+    With endpoints (--endpoint or the config file), also check each one: it answers, accepts
+    the token, has every node class and model file the workflow needs. Exit 0 when all is
+    ready, 1 when some endpoint is not (a run leaves it out), 2 when the manifest is invalid
+    or no endpoint can run the workflow.
+    """
+    from batch_runner.runner import template_for
+    from batch_runner.validate import run_validate
 
     settings = build_settings(
         manifest,
         config_file=config_file,
-        endpoints=(),
-        token=None,
+        endpoints=endpoints,
+        token=token,
         db=None,
         output_dir=None,
         workflow=workflow,
         binds=binds,
-        preset=None,
+        preset=preset,
         max_inflight=None,
         max_attempts=None,
         skip_invalid=False,
         rerun_changed=False,
     )
-    good, problems = check_manifest(manifest, template_for(settings))
-    if problems:
-        raise ManifestError(problems)
-    Console().print(f"{manifest}: {good} valid row(s)", highlight=False)
+    sys.exit(run_validate(settings, template_for(settings), Console()))
 
 
 # ------------------------------------------------------------------------------------ emulate

@@ -18,6 +18,7 @@ from batch_runner.jobflow import JobFlow
 from batch_runner.lane import Lane
 from batch_runner.manifest import JobSpec, RowProblems, read_manifest
 from batch_runner.planning import Planner
+from batch_runner.preflight import usable_endpoints
 from batch_runner.scheduler import Scheduler
 from batch_runner.states import AttemptState, JobState
 from batch_runner.store import IngestReport, NewJob, Store
@@ -184,7 +185,8 @@ async def run_batch(
         requeued = await verify_succeeded(store, run.id)
 
         lanes = []
-        for ep in settings.endpoints:
+        # Endpoints that answer but cannot run the workflow are left out before any job starts.
+        for ep in await usable_endpoints(settings.endpoints, template):
             record = await store.ensure_endpoint(run.id, ep.url)
             lane = Lane(ep, record, endpoint_timeout=settings.timeouts.endpoint)
             stack.push_async_callback(lane.close)

@@ -7,6 +7,7 @@ import csv
 import io
 import json
 import signal
+import socket
 import sqlite3
 import urllib.request
 from pathlib import Path
@@ -193,3 +194,31 @@ def test_validate_reports_problems_and_counts_good_rows(tmp_path: Path) -> None:
     bad = cli("validate", "bad.csv", cwd=tmp_path)
     assert bad.returncode == 2
     assert "bad.csv:2:frames" in " ".join(bad.stderr.split())
+
+
+def test_validate_checks_every_endpoint_and_tables_what_is_missing_where(
+    tmp_path: Path, emulator_url: str
+) -> None:
+    _batch(tmp_path, 2)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        down = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    ready = cli("validate", "jobs.csv", "--endpoint", emulator_url, cwd=tmp_path)
+    assert ready.returncode == 0, ready.stderr
+    assert "1 of 1 endpoint(s) can run this workflow" in ready.stdout
+
+    partly = cli("validate", "jobs.csv", "-e", emulator_url, "-e", down, cwd=tmp_path)
+    assert partly.returncode == 1
+    assert "unreachable" in partly.stdout and "1 of 2 endpoint(s)" in partly.stdout
+
+    graph = card_graph()
+    graph["90"] = {"class_type": "FancyFrameInterpolator", "inputs": {"images": ["8", 0]}}
+    (tmp_path / "graph.json").write_text(json.dumps(graph))
+    lacking = cli(
+        "validate", "jobs.csv", "--workflow", "graph.json", "-e", emulator_url, cwd=tmp_path
+    )
+    assert lacking.returncode == 2
+    out = " ".join(lacking.stdout.split())
+    assert "what is missing where" in out and "FancyFrameInterpolator" in out
+    assert "no endpoint can run this workflow" in " ".join(lacking.stderr.split())
+    assert "Traceback" not in lacking.stderr
