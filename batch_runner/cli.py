@@ -80,6 +80,15 @@ def handle_errors(func: F) -> F:
         except Exception as exc:
             if debug:
                 raise
+            if isinstance(exc, OSError) and exc.filename:
+                # A file or folder the user named cannot be read or written.
+                stderr.print(
+                    f"[bold red]error:[/] cannot use {exc.filename}: {exc.strerror}. Check the "
+                    "path and its permissions, then run the same command again.",
+                    markup=True,
+                    highlight=False,
+                )
+                sys.exit(EXIT_USAGE)
             stderr.print(
                 f"[bold red]internal error:[/] {type(exc).__name__}: {exc}\n"
                 "Run the same command with --debug for details; the run database is intact.",
@@ -385,6 +394,26 @@ def export(manifest: Path | None, db: Path | None, output: Path | None, fmt: str
 
     chosen = fmt or ("jsonl" if output and output.suffix in (".jsonl", ".ndjson") else "csv")
     sys.exit(_run_async(export_results(_db_for(manifest, db), output, chosen)))
+
+
+@main.command()
+@manifest_arg
+@db_option
+@click.option(
+    "--output",
+    "-o",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="HTML file to write (default: MANIFEST_STEM.report.html beside the run database).",
+)
+@handle_errors
+def report(manifest: Path | None, db: Path | None, output: Path | None) -> None:
+    """Write one self-contained HTML page for reviewing the batch: summary numbers, failures
+    grouped by reason, and per job the input thumbnail, prompt, seed, size, the video in a
+    player, status, endpoint and timings. Opens offline; videos are linked relatively."""
+    from batch_runner.report import make_report
+
+    page = asyncio.run(make_report(_db_for(manifest, db), output))
+    Console().print(f"report written to {page}", highlight=False)
 
 
 @main.command()

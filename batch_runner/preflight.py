@@ -9,6 +9,7 @@ Only read-only GETs are sent (``/system_stats``, ``/object_info/{class}``,
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -17,7 +18,13 @@ from typing import Any, TypeVar
 from batch_runner.comfy.client import ComfyClient
 from batch_runner.comfy.config import Endpoint
 from batch_runner.config import EndpointSettings
-from batch_runner.errors import AccessDenied, EndpointError, EndpointUnavailable, InputError
+from batch_runner.errors import (
+    AccessDenied,
+    EndpointError,
+    EndpointUnavailable,
+    InputError,
+    ServerError,
+)
 from batch_runner.workflow import WorkflowTemplate
 
 log = logging.getLogger(__name__)
@@ -38,6 +45,9 @@ MODEL_FOLDERS: Mapping[tuple[str, str], str] = {
 #: A string input ending in one of these names a model file; other loaders are checked
 #: against the option list their /object_info schema publishes.
 MODEL_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".gguf", ".sft")
+
+#: Tries per question before an endpoint counts as unreachable or broken.
+RETRIES = 4
 
 
 @dataclass(frozen=True, order=True)
@@ -82,6 +92,11 @@ class EndpointCheck:
     @property
     def ready(self) -> bool:
         return self.reachable and self.token_accepted and not self.error and not self.lacks
+
+    @property
+    def unable(self) -> bool:
+        """It answered, and what it said shows it cannot run the workflow."""
+        return self.reachable and (not self.token_accepted or self.lacks)
 
     @property
     def lacks(self) -> bool:
@@ -142,7 +157,7 @@ async def check_endpoint(settings: EndpointSettings, needs: Requirements) -> End
     endpoint = Endpoint(url=settings.url, token=settings.token, name=settings.name)
     async with ComfyClient(endpoint) as client:
         try:
-            await client.system_stats()
+            await _patiently(client.system_stats)
         except EndpointUnavailable as exc:
             return EndpointCheck(settings.url, reachable=False, error=exc.message)
         except AccessDenied as exc:
@@ -167,7 +182,21 @@ async def check_endpoint(settings: EndpointSettings, needs: Requirements) -> End
 
 async def _each(keys: Sequence[str], ask: Callable[[str], Awaitable[T]]) -> dict[str, T]:
     """Ask about every key at once."""
-    return dict(zip(keys, await asyncio.gather(*(ask(k) for k in keys)), strict=True))
+    answers = await asyncio.gather(*(_patiently(functools.partial(ask, k)) for k in keys))
+    return dict(zip(keys, answers, strict=True))
+
+
+async def _patiently(ask: Callable[[], Awaitable[T]]) -> T:
+    """A flaky answer (dropped connection, 5xx) is asked again a few times; a timeout is not,
+    since each one already took the whole connect timeout."""
+    for attempt in range(RETRIES):
+        try:
+            return await ask()
+        except (EndpointUnavailable, ServerError) as exc:
+            if attempt == RETRIES - 1 or isinstance(exc.__cause__, TimeoutError):
+                raise
+            await asyncio.sleep(0.1 * 2**attempt)
+    raise AssertionError("unreachable")  # the loop returns or raises
 
 
 def _has_model(
@@ -226,19 +255,20 @@ def refusal(checks: Iterable[EndpointCheck]) -> str:
 async def usable_endpoints(
     endpoints: Sequence[EndpointSettings], template: WorkflowTemplate
 ) -> list[EndpointSettings]:
-    """The endpoints a run should use: ready ones, and unreachable ones (they may come back).
+    """The endpoints a run should use: all but those shown unable to run the workflow.
 
-    An endpoint that answers but lacks something is left out with a warning. Raises
-    :class:`PreflightFailed` when none is ready (all unreachable is left to the caller's
-    reachability check, which waits for none of them either).
+    An endpoint that answers but refuses the token or lacks something is left out with a
+    warning. One that does not answer is kept (it joins when it comes back), and so is one
+    whose answers were too flaky to check. Raises :class:`PreflightFailed` when no endpoint
+    is left, or none of those left answered at all.
     """
     checks = await check_endpoints(endpoints, template)
-    if not any(c.ready for c in checks) and any(c.reachable for c in checks):
+    keep = [(ep, c) for ep, c in zip(endpoints, checks, strict=True) if not c.unable]
+    if not any(c.reachable for _, c in keep):
         raise PreflightFailed(refusal(checks))
-    keep = []
-    for ep, check in zip(endpoints, checks, strict=True):
-        if check.ready or not check.reachable:
-            keep.append(ep)
-        else:
-            log.warning("%s is left out of this run: %s", ep.url, check.verdict())
-    return keep
+    for check in checks:
+        if check.unable:
+            log.warning("%s is left out of this run: %s", check.url, check.verdict())
+        elif check.reachable and check.error:
+            log.warning("%s %s; using it anyway", check.url, check.verdict())
+    return [ep for ep, _ in keep]

@@ -21,7 +21,7 @@ from batch_runner.workflow import card_graph
 from tests.acceptance.conftest import cli, count_state, start_cli, wait_for
 from tests.helpers import make_image, write_csv
 
-COMMANDS = {"run", "status", "retry", "export", "validate", "emulate", "cancel"}
+COMMANDS = {"run", "status", "retry", "export", "validate", "emulate", "cancel", "report"}
 
 
 def test_every_command_has_help() -> None:
@@ -222,3 +222,25 @@ def test_validate_checks_every_endpoint_and_tables_what_is_missing_where(
     assert "what is missing where" in out and "FancyFrameInterpolator" in out
     assert "no endpoint can run this workflow" in " ".join(lacking.stderr.split())
     assert "Traceback" not in lacking.stderr
+
+
+def test_unreachable_endpoint_is_one_plain_message_and_exit_2(tmp_path: Path) -> None:
+    _batch(tmp_path, 1)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        down = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    result = cli("run", "jobs.csv", "--endpoint", down, cwd=tmp_path)
+    assert result.returncode == 2
+    text = " ".join(result.stderr.split())
+    assert f"{down}: unreachable" in text
+    assert "check the URLs and that ComfyUI is running there" in text
+    assert "Traceback" not in result.stderr
+
+
+def test_unwritable_output_path_is_a_plain_message(tmp_path: Path) -> None:
+    _batch(tmp_path, 1)
+    assert cli("run", "jobs.csv", "--emulate", "1", cwd=tmp_path).returncode == 0
+    result = cli("export", "jobs.csv", "-o", "no/such/dir/out.csv", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "cannot use no/such/dir/out.csv: No such file or directory" in result.stderr
+    assert "Traceback" not in result.stderr

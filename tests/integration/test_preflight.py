@@ -134,3 +134,11 @@ async def test_run_refuses_to_start_when_no_endpoint_can_run_the_workflow(tmp_pa
     assert short.executions == {}
     with sqlite3.connect(settings.db) as conn:
         assert conn.execute("SELECT count(*) FROM attempts").fetchone() == (0,)
+
+
+async def test_run_refuses_when_every_endpoint_is_unreachable(tmp_path: Path) -> None:
+    settings = settings_for(batch(tmp_path, 1), [closed_port_url(), closed_port_url()])
+    with pytest.raises(PreflightFailed) as refused:
+        await run_batch(settings, template_for(settings), asyncio.Event())
+    assert str(refused.value).count("unreachable") == 2
+    assert "check the URLs and that ComfyUI is running there" in str(refused.value)
