@@ -76,12 +76,8 @@ class JobFlow:
             # Nothing reached the GPU: the job goes straight back for a healthy endpoint to
             # take, and this does not use up one of its attempts.
             await self.store.preparation_failed(
-                job.id,
-                error=_one_line(exc),
-                kind=_kind(exc),
-                retry_at=clock.now().timestamp(),
-                endpoint_id=lane.record.id,
-                count_attempt=False,
+                job.id, error=_one_line(exc), kind=_kind(exc), retry_at=clock.now().timestamp(),
+                endpoint_id=lane.record.id, count_attempt=False,
             )
             return
         except TransientError as exc:
