@@ -417,7 +417,7 @@ def report(manifest: Path | None, db: Path | None, output: Path | None) -> None:
 
 
 @main.command()
-@click.argument("manifest", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("manifest", type=click.Path(path_type=Path))
 @click.option(
     "--endpoint",
     "-e",

@@ -10,20 +10,19 @@
     │   ├── DatabaseLocked          another program held the database's write lock too long
     │   ├── TransitionRejected      a state change whose precondition no longer holds
     │   └── SchemaError             the database was made by a newer batch_runner
-    ├── EndpointError               talking to one ComfyUI endpoint
-    │   ├── AccessDenied            401/403 from the endpoint (a proxy refusing the token)
-    │   ├── TransientError          worth retrying, preferably elsewhere
-    │   │   ├── EndpointUnavailable connection refused/reset, DNS, timeout
-    │   │   ├── ServerError         HTTP 5xx or an answer that is not what the protocol says
-    │   │   ├── DownloadIncomplete  the body ended early or did not match its length
-    │   │   ├── ExecutionTransient  execution_error of a kind that may pass (out of memory)
-    │   │   └── PromptLost          the server no longer knows a prompt we submitted
-    │   └── PermanentError          retrying the same job cannot help
-    │       ├── WorkflowRejected    POST /prompt answered 400 with node_errors
-    │       ├── ExecutionFailed     execution_error of a deterministic kind
-    │       ├── ExecutionInterrupted the prompt was interrupted on the server
-    │       └── OutputRejected      the output is unusable (unsafe name, too big, not a video)
-    └── StopRequested               the user asked the run to stop
+    └── EndpointError               talking to one ComfyUI endpoint
+        ├── AccessDenied            401/403 from the endpoint (a proxy refusing the token)
+        ├── TransientError          worth retrying, preferably elsewhere
+        │   ├── EndpointUnavailable connection refused/reset, DNS, timeout
+        │   ├── ServerError         HTTP 5xx or an answer that is not what the protocol says
+        │   ├── DownloadIncomplete  the body ended early or did not match its length
+        │   ├── ExecutionTransient  execution_error of a kind that may pass (out of memory)
+        │   └── PromptLost          the server no longer knows a prompt we submitted
+        └── PermanentError          retrying the same job cannot help
+            ├── WorkflowRejected    POST /prompt answered 400 with node_errors
+            ├── ExecutionFailed     execution_error of a deterministic kind
+            ├── ExecutionInterrupted the prompt was interrupted on the server
+            └── OutputRejected      the output is unusable (unsafe name, too big, not a video)
 
 The scheduler's retry policy is an ``isinstance`` check on TransientError/PermanentError.
 """
@@ -31,6 +30,33 @@ The scheduler's retry policy is an ``isinstance`` check on TransientError/Perman
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+__all__ = [
+    "AccessDenied",
+    "BatchRunnerError",
+    "ConfigError",
+    "DatabaseLocked",
+    "DownloadIncomplete",
+    "EndpointError",
+    "EndpointUnavailable",
+    "ExecutionFailed",
+    "ExecutionInterrupted",
+    "ExecutionTransient",
+    "InputError",
+    "ManifestError",
+    "ManifestProblem",
+    "OutputRejected",
+    "PermanentError",
+    "PromptLost",
+    "RunLocked",
+    "SchemaError",
+    "ServerError",
+    "StoreError",
+    "TransientError",
+    "TransitionRejected",
+    "WorkflowError",
+    "WorkflowRejected",
+]
 
 
 class BatchRunnerError(Exception):
@@ -157,7 +183,3 @@ class ExecutionInterrupted(PermanentError):
 
 class OutputRejected(PermanentError):
     """The endpoint's output cannot be accepted (unsafe name, too large or not a valid video)."""
-
-
-class StopRequested(BatchRunnerError):
-    """The run was asked to stop."""

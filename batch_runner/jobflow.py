@@ -40,6 +40,8 @@ from batch_runner.tracking import PromptWatch, outcome_of
 log = logging.getLogger(__name__)
 
 DOWNLOAD_TRIES = 3
+#: consecutive failed checks of a silent prompt before its attempt is given up
+MAX_FAILED_CHECKS = 5
 
 
 class StaleUpload(TransientError):
@@ -76,8 +78,12 @@ class JobFlow:
             # Nothing reached the GPU: the job goes straight back for a healthy endpoint to
             # take, and this does not use up one of its attempts.
             await self.store.preparation_failed(
-                job.id, error=_one_line(exc), kind=_kind(exc), retry_at=clock.now().timestamp(),
-                endpoint_id=lane.record.id, count_attempt=False,
+                job.id,
+                error=_one_line(exc),
+                kind=_kind(exc),
+                retry_at=clock.now().timestamp(),
+                endpoint_id=lane.record.id,
+                count_attempt=False,
             )
             return
         except TransientError as exc:
@@ -188,6 +194,7 @@ class JobFlow:
         self, job: JobRecord, attempt: AttemptRecord, lane: Lane, watch: PromptWatch
     ) -> None:
         silence = self.settings.timeouts.silence
+        failed_checks = 0
         while True:
             if watch.started and not watch.recorded_running:
                 watch.recorded_running = True
@@ -199,7 +206,20 @@ class JobFlow:
             try:
                 await asyncio.wait_for(watch.changed.wait(), timeout=max(0.01, remaining))
             except TimeoutError:
-                await lane.reconcile(watch, after_silence=True)
+                try:
+                    await lane.reconcile(watch, after_silence=True)
+                except EndpointGone:
+                    raise
+                except TransientError as exc:
+                    # Not knowing is no reason to give up on a prompt that may be running:
+                    # ask again after the next silence period, a few times.
+                    failed_checks += 1
+                    if failed_checks >= MAX_FAILED_CHECKS:
+                        raise
+                    log.info("%s: could not check %s: %s", lane.name, job.key, exc)
+                    watch.touch()
+                else:
+                    failed_checks = 0
 
     # ---------------------------------------------------------------- outcome
 
@@ -268,9 +288,36 @@ class JobFlow:
         files: list[OutputFile],
     ) -> None:
         file = files[0]
+        try:
+            suffix = outputs.safe_extension(file.filename)
+        except PermanentError as exc:
+            await self._attempt_error(job, attempt, lane, exc)
+            return
+        final = self.settings.output_dir / f"{prepared.output_stem}{suffix}"
+        incoming = self.settings.output_dir / ".incoming" / final.name
+        try:
+            got = await self._download_verified(job, attempt, lane, prepared, file, incoming)
+        finally:
+            # Whatever happened, nothing unverified stays behind to be mistaken for a result.
+            incoming.unlink(missing_ok=True)
+        if got is None:
+            return
+        await self.store.job_succeeded(
+            job.id, attempt.id, path=str(final), sha256=got.sha256, size=got.size
+        )
+
+    async def _download_verified(
+        self,
+        job: JobRecord,
+        attempt: AttemptRecord,
+        lane: Lane,
+        prepared: Prepared,
+        file: OutputFile,
+        incoming: Path,
+    ) -> outputs.Downloaded | None:
+        """Download, verify and promote the video; None when the attempt ended otherwise."""
         out_dir = self.settings.output_dir
-        final = out_dir / f"{prepared.output_stem}{outputs.safe_extension(file.filename)}"
-        incoming = out_dir / ".incoming" / final.name
+        final = out_dir / incoming.name
         for try_number in range(1, DOWNLOAD_TRIES + 1):
             try:
                 got = await lane.call(
@@ -281,26 +328,24 @@ class JobFlow:
                         outputs.verify_video, incoming, prepared.expected_frames
                     )
                 await asyncio.to_thread(_promote, incoming, final)
-                break
+                return got
             except outputs.DiskFull as exc:
                 # The video is safe on the server: leave the job fetching for the next run to
                 # download, and stop taking work that would need disk space we lack.
                 self.request_stop(f"{exc}; free some space and run the same command again")
-                return
+                return None
             except DownloadIncomplete as exc:
                 if try_number == DOWNLOAD_TRIES:
                     await self._attempt_error(job, attempt, lane, exc)
-                    return
+                    return None
                 log.info("%s: %s; downloading again", lane.name, exc)
             except EndpointGone as exc:
                 await self._abandon(job, attempt, lane, exc)
-                return
+                return None
             except (TransientError, PermanentError) as exc:
                 await self._attempt_error(job, attempt, lane, exc)
-                return
-        await self.store.job_succeeded(
-            job.id, attempt.id, path=str(final), sha256=got.sha256, size=got.size
-        )
+                return None
+        return None  # every try ended above; kept for the type checker
 
     # ---------------------------------------------------------------- failures
 

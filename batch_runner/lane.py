@@ -75,7 +75,21 @@ class Lane:
     # ---------------------------------------------------------------- life cycle
 
     async def listen(self) -> None:
-        """Read the websocket for the whole run; reconcile every watch after each connect."""
+        """Read the websocket for the whole run; reconcile every watch after each connect.
+
+        An unexpected error is logged and the stream reopened: prompts stay covered by
+        reconciliation meanwhile, and an unattended run should not end over it.
+        """
+        while True:
+            try:
+                await self._read_events()
+                return
+            except Exception:
+                log.exception("%s: event stream failed; reopening it", self.name)
+                self.ws_connected = False
+                await asyncio.sleep(1.0)
+
+    async def _read_events(self) -> None:
         async for event in self.stream.events():
             if isinstance(event, ev.Connected):
                 self.ws_connected = True

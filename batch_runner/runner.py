@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import time
@@ -217,4 +218,6 @@ async def run_batch(
                 watcher.cancel()
                 await asyncio.gather(watcher, return_exceptions=True)
         counts = await store.counts(run.id)
+    with contextlib.suppress(OSError):  # only when empty: downloads in flight keep it
+        (settings.output_dir / ".incoming").rmdir()
     return RunSummary(counts, report, stopping.is_set(), requeued, skipped, flow.stop_reason)

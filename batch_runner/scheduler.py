@@ -92,7 +92,9 @@ class Scheduler:
         if waiting:
             log.warning(
                 "stopping: waiting up to %.0f s for %d prompt(s) in flight: %s",
-                self.grace, len(waiting), ", ".join(waiting[:20]),
+                self.grace,
+                len(waiting),
+                ", ".join(waiting[:20]),
             )
         await asyncio.sleep(self.grace)
         log.warning("grace period over; leaving the rest in flight for the next run to adopt")

@@ -36,10 +36,6 @@ TERMINAL: frozenset[JobState] = frozenset(
 IN_FLIGHT: frozenset[JobState] = frozenset(
     {JobState.SUBMITTED, JobState.RUNNING, JobState.FETCHING}
 )
-ACTIVE: frozenset[JobState] = frozenset({JobState.PREPARING, *IN_FLIGHT})
-CLAIMABLE: frozenset[JobState] = frozenset({JobState.PENDING, JobState.RETRY_WAIT})
-
-_NON_FINAL = frozenset(JobState) - TERMINAL
 
 TRANSITIONS: dict[JobState, frozenset[JobState]] = {
     JobState.PENDING: frozenset({JobState.PREPARING, JobState.CANCELLED, JobState.SKIPPED}),
@@ -74,11 +70,6 @@ TRANSITIONS: dict[JobState, frozenset[JobState]] = {
     JobState.SUCCEEDED: frozenset({JobState.PENDING}),
     JobState.SKIPPED: frozenset({JobState.PENDING}),
 }
-
-
-def sources_of(target: JobState) -> frozenset[JobState]:
-    """Every state from which ``target`` may be entered."""
-    return frozenset(s for s, targets in TRANSITIONS.items() if target in targets)
 
 
 class AttemptState(StrEnum):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import fcntl
 import os
-import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -112,7 +111,3 @@ def runner_lock(db_path: Path) -> Iterator[IO[str]]:
     finally:
         fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
         handle.close()
-
-
-def sqlite_version() -> str:
-    return sqlite3.sqlite_version

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import uuid
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
@@ -525,32 +524,40 @@ class Store:
     async def release_all_preparing(self, run_id: int) -> int:
         """After a crash, jobs caught while preparing go back to pending (nothing was sent)."""
         async with self._tx() as conn:
-            ids = (
-                (
-                    await conn.execute(
-                        select(jobs.c.id).where(
-                            jobs.c.run_id == run_id, jobs.c.state == JobState.PREPARING.value
-                        )
+            return await self._move_all(
+                conn,
+                run_id,
+                (JobState.PREPARING,),
+                JobState.PENDING,
+                detail="resumed: was preparing when the runner stopped",
+            )
+
+    async def _move_all(
+        self,
+        conn: AsyncConnection,
+        run_id: int,
+        sources: Iterable[JobState],
+        to: JobState,
+        *,
+        detail: str,
+        **values: Any,
+    ) -> int:
+        """Move every job of the run that is in one of ``sources``; returns how many."""
+        allowed = tuple(sources)
+        ids = (
+            (
+                await conn.execute(
+                    select(jobs.c.id).where(
+                        jobs.c.run_id == run_id, jobs.c.state.in_([s.value for s in allowed])
                     )
                 )
-                .scalars()
-                .all()
             )
-            for job_id in ids:
-                await self._move(
-                    conn,
-                    job_id,
-                    JobState.PENDING,
-                    allowed=(JobState.PREPARING,),
-                    detail="resumed: was preparing when the runner stopped",
-                )
-            return len(ids)
-
-    async def record_resolved(self, job_id: int, resolved: Mapping[str, Any]) -> None:
-        async with self._tx() as conn:
-            await conn.execute(
-                update(jobs).where(jobs.c.id == job_id).values(resolved=_dumps(dict(resolved)))
-            )
+            .scalars()
+            .all()
+        )
+        for job_id in ids:
+            await self._move(conn, job_id, to, allowed=allowed, detail=detail, **values)
+        return len(ids)
 
     async def begin_attempt(
         self,
@@ -748,18 +755,6 @@ class Store:
         )
         return target
 
-    async def attempt_abandoned(self, attempt_id: int, reason: str) -> None:
-        async with self._tx() as conn:
-            await self._set_attempt(
-                conn,
-                attempt_id,
-                AttemptState.ABANDONED,
-                allowed=ATTEMPT_OPEN,
-                error=reason,
-                error_kind="abandoned",
-                finished_at=_now(),
-            )
-
     async def requeue_missing_output(self, job_id: int, reason: str) -> None:
         """A succeeded job's file is gone or differs from its checksum: run it again."""
         async with self._tx() as conn:
@@ -780,32 +775,18 @@ class Store:
 
     async def retry_failed(self, run_id: int) -> int:
         """Send every failed or cancelled job back to pending with a fresh attempt budget."""
-        again = (JobState.FAILED, JobState.CANCELLED)
         async with self._tx() as conn:
-            ids = (
-                (
-                    await conn.execute(
-                        select(jobs.c.id).where(
-                            jobs.c.run_id == run_id, jobs.c.state.in_([s.value for s in again])
-                        )
-                    )
-                )
-                .scalars()
-                .all()
+            return await self._move_all(
+                conn,
+                run_id,
+                (JobState.FAILED, JobState.CANCELLED),
+                JobState.PENDING,
+                detail="retry requested",
+                attempts=0,
+                next_eligible_at=None,
+                avoid_endpoint_id=None,
+                finished_at=None,
             )
-            for job_id in ids:
-                await self._move(
-                    conn,
-                    job_id,
-                    JobState.PENDING,
-                    allowed=again,
-                    detail="retry requested",
-                    attempts=0,
-                    next_eligible_at=None,
-                    avoid_endpoint_id=None,
-                    finished_at=None,
-                )
-            return len(ids)
 
     async def cancel_all(self, run_id: int, reason: str) -> int:
         """Cancel every job that has not finished; their open attempts are abandoned."""
@@ -1016,7 +997,3 @@ class Store:
             for row in rows:
                 yield dict(row._mapping)
             last_line, last_id = rows[-1].line, rows[-1].id
-
-
-def database_exists(path: Path) -> bool:
-    return path.is_file() and os.path.getsize(path) > 0

@@ -181,3 +181,34 @@ async def test_disk_full_stops_the_run_resumably_with_no_partial_file(
         resumed = await run(settings)
     assert resumed.exit_code == 0
     assert set(emulator.executions.values()) == {1} and len(emulator.executions) == 4
+
+
+async def test_prompt_interrupted_on_the_server_fails_its_job_without_retry(
+    tmp_path: Path,
+) -> None:
+    import aiohttp
+
+    manifest = batch(tmp_path, 2)
+    async with Emulator(EmulatorConfig(step_ms=40.0, video_max_side=32)) as emulator:
+        settings = settings_for(manifest, [emulator.url], max_inflight=1)
+        task = asyncio.create_task(run(settings))
+        await wait_until(lambda: "running" in job_states(settings.db))
+        async with aiohttp.ClientSession() as http:  # someone at the server presses Cancel
+            await http.post(f"{emulator.url}/interrupt", json={})
+        summary = await task
+    assert summary.counts[JobState.FAILED] == 1 and summary.counts[JobState.SUCCEEDED] == 1
+    with sqlite3.connect(settings.db) as conn:
+        [(error, tries)] = conn.execute(
+            "SELECT last_error, attempts FROM jobs WHERE state = 'failed'"
+        )
+    assert "interrupted" in error and tries == 1
+
+
+def job_states(db: Path) -> list[str]:
+    if not db.exists():
+        return []
+    try:
+        with sqlite3.connect(db) as conn:
+            return [r[0] for r in conn.execute("SELECT state FROM jobs")]
+    except sqlite3.OperationalError:
+        return []

@@ -196,3 +196,17 @@ async def test_websocket_drops_are_recovered_without_resubmission(tmp_path: Path
         summary = await run(settings)
     assert summary.exit_code == 0
     assert sorted(emulator.executions.values()) == [1] * 5
+
+
+async def test_cached_run_still_gets_its_own_output_file(tmp_path: Path) -> None:
+    make_image(tmp_path / "a.png", (64, 48))
+    same = {"image": "a.png", "prompt": "same", "seed": 7, "frames": 5}
+    manifest = write_csv(tmp_path / "jobs.csv", [{"id": "first", **same}, {"id": "twin", **same}])
+    async with AsyncExitStack() as stack:
+        [emulator] = await start(stack, FAST)
+        settings = settings_for(manifest, [emulator.url], max_inflight=1)
+        assert (await run(settings)).exit_code == 0
+    first, twin = settings.output_dir / "first.mp4", settings.output_dir / "twin.mp4"
+    # The second prompt was served from the server's cache and named the first one's file.
+    assert first.read_bytes() == twin.read_bytes()
+    assert decoded_frames(twin)[0] == 5

@@ -75,3 +75,16 @@ def test_valid_fixtures_have_no_problems(corpus: Path, name: str) -> None:
     good, problems = validate_manifest(corpus / "valid" / name)
     assert problems == []
     assert good >= 1
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c["file"] for c in CASES])
+def test_command_line_exits_2_without_traceback(corpus: Path, case: dict[str, Any]) -> None:
+    from click.testing import CliRunner
+
+    from batch_runner.cli import main
+
+    path = corpus / case["file"]
+    result = CliRunner().invoke(main, ["validate", str(path)])
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    assert case["reason"].split(":")[0] in " ".join(result.output.split())
