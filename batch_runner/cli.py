@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import click
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 
 from batch_runner import __version__
 from batch_runner.config import RunSettings, build_settings, default_db
@@ -49,15 +50,35 @@ class RedactSecrets(logging.Filter):
         return True
 
 
-def _setup_logging(debug: bool, quiet: bool) -> None:
+def _setup_logging(debug: bool, quiet: bool, json_logs: bool = False) -> None:
     level = logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO
-    handler = RichHandler(console=stderr, show_path=debug, rich_tracebacks=debug, markup=False)
+    handler: logging.Handler
+    if json_logs:
+        from batch_runner.jsonlog import JsonFormatter
+
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler = RichHandler(console=stderr, show_path=debug, rich_tracebacks=debug, markup=False)
     handler.addFilter(RedactSecrets())
     logging.basicConfig(level=level, handlers=[handler], format="%(message)s", force=True)
     if not debug:
         # Third-party libraries speak only when something is wrong.
         for name in ("aiohttp", "websockets", "alembic", "sqlalchemy"):
             logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def _json_logs() -> bool:
+    context = click.get_current_context(silent=True)
+    return bool(context and context.find_root().params.get("json_logs"))
+
+
+def _say_error(message: str) -> None:
+    """An error for the user: a log record with --json-logs, a red line otherwise."""
+    if _json_logs():
+        log.error("%s", message)
+    else:
+        stderr.print(f"[bold red]error:[/] {escape(message)}", markup=True, highlight=False)
 
 
 def handle_errors(func: F) -> F:
@@ -72,7 +93,7 @@ def handle_errors(func: F) -> F:
         except BatchRunnerError as exc:
             if debug:
                 raise
-            stderr.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False)
+            _say_error(str(exc))
             code = EXIT_USAGE if isinstance(exc, InputError | RunLocked) else EXIT_FAILED
             sys.exit(code)
         except (KeyboardInterrupt, click.exceptions.Exit, click.ClickException, SystemExit):
@@ -82,11 +103,9 @@ def handle_errors(func: F) -> F:
                 raise
             if isinstance(exc, OSError) and exc.filename:
                 # A file or folder the user named cannot be read or written.
-                stderr.print(
-                    f"[bold red]error:[/] cannot use {exc.filename}: {exc.strerror}. Check the "
-                    "path and its permissions, then run the same command again.",
-                    markup=True,
-                    highlight=False,
+                _say_error(
+                    f"cannot use {exc.filename}: {exc.strerror}. Check the path and its "
+                    "permissions, then run the same command again."
                 )
                 sys.exit(EXIT_USAGE)
             stderr.print(
@@ -103,14 +122,19 @@ def handle_errors(func: F) -> F:
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="batch-runner")
 @click.option("--debug", is_flag=True, help="Verbose logs and full tracebacks.")
-@click.option("--quiet", "-q", is_flag=True, help="Only warnings and errors.")
-def main(debug: bool, quiet: bool) -> None:
+@click.option("--quiet", "-q", is_flag=True, help="Only warnings and errors; no progress display.")
+@click.option(
+    "--json-logs",
+    is_flag=True,
+    help="Logs (and progress lines) as one JSON object per line on stderr, for machines.",
+)
+def main(debug: bool, quiet: bool, json_logs: bool) -> None:
     """Turn (image, prompt) pairs into Wan2.2 image-to-video clips on ComfyUI servers.
 
     Start with `batch-runner run jobs.csv --endpoint http://HOST:8188`; run the same command
     again to resume an interrupted run.
     """
-    _setup_logging(debug, quiet)
+    _setup_logging(debug, quiet, json_logs)
 
 
 def _db_for(manifest: Path | None, db: Path | None) -> Path:
@@ -277,7 +301,7 @@ def _progress_monitor() -> Monitor | None:
 
     if log.getEffectiveLevel() > logging.INFO:
         return None
-    live = stderr.is_terminal
+    live = stderr.is_terminal and not _json_logs()
 
     async def monitor(store: Store, run_id: int, lanes: Sequence[Lane]) -> None:
         await report_progress(store, run_id, lanes, stderr, live=live)
@@ -319,11 +343,32 @@ def _print_summary(settings: RunSettings, summary: Any) -> None:
 @main.command()
 @manifest_arg
 @db_option
+@click.option(
+    "--watch",
+    "-w",
+    is_flag=True,
+    help="Keep refreshing (progress, speed, ETA, recent failures) until Ctrl-C; works on a "
+    "run started elsewhere.",
+)
+@click.option(
+    "--interval",
+    default=2.0,
+    show_default=True,
+    type=click.FloatRange(min=0.1),
+    metavar="SECONDS",
+    help="Refresh period for --watch.",
+)
 @handle_errors
-def status(manifest: Path | None, db: Path | None) -> None:
+def status(manifest: Path | None, db: Path | None, watch: bool, interval: float) -> None:
     """Counts per state and per endpoint, and the failures with their reasons."""
     from batch_runner.status import print_status
 
+    if watch:
+        from batch_runner.watch import watch_status
+
+        with suppress(KeyboardInterrupt):
+            asyncio.run(watch_status(_db_for(manifest, db), Console(), interval))
+        sys.exit(EXIT_OK)
     sys.exit(_run_async(print_status(_db_for(manifest, db), Console())))
 
 

@@ -244,3 +244,30 @@ def test_unwritable_output_path_is_a_plain_message(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert "cannot use no/such/dir/out.csv: No such file or directory" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_json_logs_are_one_object_per_line(tmp_path: Path) -> None:
+    _batch(tmp_path, 2)
+    result = cli("--json-logs", "run", "jobs.csv", "--emulate", "1", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    entries = [json.loads(line) for line in result.stderr.splitlines()]
+    assert entries and all({"time", "level", "logger", "message"} <= set(e) for e in entries)
+    bad = cli("--json-logs", "run", "missing.csv", "--emulate", "1", cwd=tmp_path)
+    assert bad.returncode == 2
+    write_csv(tmp_path / "bad.csv", [{"image": "a.png", "prompt": "x", "frames": 8}])
+    invalid = cli("--json-logs", "run", "bad.csv", "--emulate", "1", cwd=tmp_path)
+    assert invalid.returncode == 2
+    logged = [json.loads(line) for line in invalid.stderr.splitlines()]
+    (error,) = [e for e in logged if e["level"] == "error"]
+    assert "bad.csv:2:frames" in error["message"]
+
+
+def test_status_watch_follows_a_run_until_interrupted(tmp_path: Path) -> None:
+    _batch(tmp_path, 2)
+    assert cli("run", "jobs.csv", "--emulate", "1", cwd=tmp_path).returncode == 0
+    watcher = start_cli("status", "jobs.csv", "--watch", "--interval", "0.1", cwd=tmp_path)
+    assert watcher.stdout is not None
+    lines = [watcher.stdout.readline() for _ in range(2)]
+    watcher.send_signal(signal.SIGINT)
+    assert watcher.wait(timeout=30) == 0
+    assert all(line.startswith("2 done, 0 failed, 0 running, 0 pending") for line in lines)
