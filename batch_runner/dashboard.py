@@ -150,20 +150,24 @@ def lanes_table(snap: Snapshot) -> Table:
     table = Table(box=None, pad_edge=False, expand=True, header_style="bold")
     table.add_column("endpoint", no_wrap=True)
     table.add_column("health", no_wrap=True)
-    table.add_column("now", ratio=3)
+    table.add_column("now", ratio=3, no_wrap=True, overflow="ellipsis")
     table.add_column("done", justify="right")
     table.add_column("speed", justify="right", no_wrap=True)
-    table.add_column("last error", ratio=2, overflow="ellipsis", no_wrap=True)
+    errors = any(lane.last_error for lane in snap.lanes)
+    if errors:  # the column takes room from "now" only when there is something to show
+        table.add_column("last error", ratio=2, overflow="ellipsis", no_wrap=True)
     for lane in snap.lanes:
         rate = snap.rates.get(lane.url)
-        table.add_row(
+        cells: list[Text | str] = [
             lane.name,
             Text("up", style="green") if lane.healthy else Text("down", style="bold red"),
             _now_doing(lane),
             str(lane.done),
             f"{duration(1 / rate)}/video" if rate else "—",
-            Text(lane.last_error or "", style="red"),
-        )
+        ]
+        if errors:
+            cells.append(Text(lane.last_error or "", style="red"))
+        table.add_row(*cells)
     return table
 
 
