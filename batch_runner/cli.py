@@ -109,7 +109,7 @@ def handle_errors(func: F) -> F:
                 )
                 sys.exit(EXIT_USAGE)
             stderr.print(
-                f"[bold red]internal error:[/] {type(exc).__name__}: {exc}\n"
+                f"[bold red]internal error:[/] {type(exc).__name__}: {escape(str(exc))}\n"
                 "Run the same command with --debug for details; the run database is intact.",
                 markup=True,
                 highlight=False,
@@ -501,7 +501,7 @@ def validate(
     binds: tuple[str, ...],
     preset: str | None,
 ) -> None:
-    """Check MANIFEST without sending anything: every problem with file, line and column.
+    """Check MANIFEST without sending any work: every problem with file, line and column.
 
     With endpoints (--endpoint or the config file), also check each one: it answers, accepts
     the token, has every node class and model file the workflow needs. Exit 0 when all is

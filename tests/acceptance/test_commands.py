@@ -271,3 +271,11 @@ def test_status_watch_follows_a_run_until_interrupted(tmp_path: Path) -> None:
     watcher.send_signal(signal.SIGINT)
     assert watcher.wait(timeout=30) == 0
     assert all(line.startswith("2 done, 0 failed, 0 running, 0 pending") for line in lines)
+
+
+def test_error_text_is_shown_literally_not_as_markup(tmp_path: Path) -> None:
+    _batch(tmp_path, 1)
+    (tmp_path / "br.csv").write_text("image,prompt,frames\na.png,x,[red]boom[/red]\n")
+    result = cli("validate", "br.csv", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "'[red]boom[/red]' is not a whole number" in result.stderr
