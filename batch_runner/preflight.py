@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from batch_runner import crashpoints
 from batch_runner.comfy.client import ComfyClient
 from batch_runner.comfy.config import Endpoint
 from batch_runner.config import EndpointSettings
@@ -220,7 +221,8 @@ async def check_endpoints(
 ) -> list[EndpointCheck]:
     """Check every endpoint at once; results in the order given."""
     needs = requirements(template)
-    return list(await asyncio.gather(*(check_endpoint(ep, needs) for ep in endpoints)))
+    with crashpoints.paused():
+        return list(await asyncio.gather(*(check_endpoint(ep, needs) for ep in endpoints)))
 
 
 class PreflightFailed(InputError):
