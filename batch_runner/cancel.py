@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 from collections import defaultdict
 from collections.abc import Mapping
-from pathlib import Path
 
 from rich.console import Console
 
@@ -19,11 +18,12 @@ from batch_runner.comfy.config import Endpoint
 from batch_runner.errors import EndpointError, InputError
 from batch_runner.status import require_db
 from batch_runner.store import Store
+from batch_runner.store.location import DbLocation
 
 log = logging.getLogger(__name__)
 
 
-async def cancel_run(db: Path, tokens: Mapping[str, str | None], console: Console) -> int:
+async def cancel_run(db: DbLocation, tokens: Mapping[str, str | None], console: Console) -> int:
     require_db(db)
     async with Store.open(db) as store:
         run = await store.only_run()

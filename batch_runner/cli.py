@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import logging
 import os
@@ -23,6 +24,7 @@ from rich.markup import escape
 from batch_runner import __version__
 from batch_runner.config import RunSettings, build_settings, default_db
 from batch_runner.errors import BatchRunnerError, InputError, RunLocked
+from batch_runner.store.location import DbLocation, location
 
 if TYPE_CHECKING:
     from batch_runner.lane import Lane
@@ -137,7 +139,7 @@ def main(debug: bool, quiet: bool, json_logs: bool) -> None:
     _setup_logging(debug, quiet, json_logs)
 
 
-def _db_for(manifest: Path | None, db: Path | None) -> Path:
+def _db_for(manifest: Path | None, db: DbLocation | None) -> DbLocation:
     if db is not None:
         return db
     if manifest is None:
@@ -145,13 +147,25 @@ def _db_for(manifest: Path | None, db: Path | None) -> Path:
     return default_db(manifest)
 
 
+def _db_location(ctx: click.Context, param: click.Parameter, value: str | None) -> Any:
+    """``--db``: a file path, or a database URL kept as text."""
+    if value is None:
+        return None
+    given = location(value)
+    if isinstance(given, Path) and given.is_dir():
+        raise click.BadParameter(f"{given} is a directory; give a file path or a database URL")
+    return given
+
+
 manifest_arg = click.argument(
     "manifest", type=click.Path(dir_okay=False, path_type=Path), required=False
 )
 db_option = click.option(
     "--db",
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="Run database (default: MANIFEST.batch.sqlite beside the manifest).",
+    callback=_db_location,
+    metavar="PATH|URL",
+    help="Run database: an SQLite file (default: MANIFEST.batch.sqlite beside the manifest), "
+    "or postgresql+asyncpg://USER:PASS@HOST/DB shared by several runners.",
 )
 
 
@@ -222,13 +236,33 @@ def _run_async(coro: Coroutine[Any, Any, int]) -> int:
     is_flag=True,
     help="Run again the finished rows whose manifest content changed.",
 )
+@click.option(
+    "--runner-name",
+    metavar="NAME",
+    help="With a PostgreSQL --db: this runner's name in the run (default: the host name); "
+    "restarted under the same name, it resumes its own jobs.",
+)
+@click.option(
+    "--takeover-after",
+    type=click.FloatRange(min=1.0),
+    default=60.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="With a PostgreSQL --db: adopt the jobs of a runner silent this long.",
+)
+@click.option(
+    "--metrics-port",
+    type=click.IntRange(min=0, max=65535),
+    metavar="PORT",
+    help="Serve Prometheus metrics on http://127.0.0.1:PORT/metrics (0: any free port).",
+)
 @handle_errors
 def run(
     manifest: Path,
     endpoints: tuple[str, ...],
     token: str | None,
     config_file: Path | None,
-    db: Path | None,
+    db: DbLocation | None,
     output_dir: Path | None,
     workflow: Path | None,
     binds: tuple[str, ...],
@@ -238,6 +272,9 @@ def run(
     emulate: int | None,
     skip_invalid: bool,
     rerun_changed: bool,
+    runner_name: str | None,
+    takeover_after: float,
+    metrics_port: int | None,
 ) -> None:
     """Run (or resume) the batch in MANIFEST (.csv or .jsonl).
 
@@ -260,6 +297,12 @@ def run(
         max_attempts=max_attempts,
         skip_invalid=skip_invalid,
         rerun_changed=rerun_changed,
+    )
+    settings = dataclasses.replace(
+        settings,
+        runner_name=runner_name,
+        takeover_after=takeover_after,
+        metrics_port=metrics_port,
     )
     if not settings.endpoints and not emulate:
         raise click.UsageError(
@@ -359,7 +402,7 @@ def _print_summary(settings: RunSettings, summary: Any) -> None:
     help="Refresh period for --watch.",
 )
 @handle_errors
-def status(manifest: Path | None, db: Path | None, watch: bool, interval: float) -> None:
+def status(manifest: Path | None, db: DbLocation | None, watch: bool, interval: float) -> None:
     """Counts per state and per endpoint, and the failures with their reasons."""
     from batch_runner.status import print_status
 
@@ -376,7 +419,7 @@ def status(manifest: Path | None, db: Path | None, watch: bool, interval: float)
 @manifest_arg
 @db_option
 @handle_errors
-def retry(manifest: Path | None, db: Path | None) -> None:
+def retry(manifest: Path | None, db: DbLocation | None) -> None:
     """Send failed and cancelled jobs back to pending; the next `run` tries them again."""
     from batch_runner.status import retry_failed
 
@@ -401,7 +444,7 @@ def retry(manifest: Path | None, db: Path | None) -> None:
 )
 @handle_errors
 def cancel(
-    manifest: Path | None, db: Path | None, token: str | None, config_file: Path | None
+    manifest: Path | None, db: DbLocation | None, token: str | None, config_file: Path | None
 ) -> None:
     """Cancel the run: withdraw its pending prompts from the servers' queues, interrupt its
     running ones (by prompt id only; other users' prompts are never touched), and mark its
@@ -432,7 +475,9 @@ def cancel(
     help="Default: from the --output extension, else csv.",
 )
 @handle_errors
-def export(manifest: Path | None, db: Path | None, output: Path | None, fmt: str | None) -> None:
+def export(
+    manifest: Path | None, db: DbLocation | None, output: Path | None, fmt: str | None
+) -> None:
     """Write one row per job: inputs, resolved parameters, endpoint, output file, checksum,
     timings, attempts and last error. CSV cells are guarded against formula injection."""
     from batch_runner.status import export_results
@@ -451,7 +496,7 @@ def export(manifest: Path | None, db: Path | None, output: Path | None, fmt: str
     help="HTML file to write (default: MANIFEST_STEM.report.html beside the run database).",
 )
 @handle_errors
-def report(manifest: Path | None, db: Path | None, output: Path | None) -> None:
+def report(manifest: Path | None, db: DbLocation | None, output: Path | None) -> None:
     """Write one self-contained HTML page for reviewing the batch: summary numbers, failures
     grouped by reason, and per job the input thumbnail, prompt, seed, size, the video in a
     player, status, endpoint and timings. Opens offline; videos are linked relatively."""

@@ -16,6 +16,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from batch_runner.errors import ConfigError
+from batch_runner.store.location import DbLocation, location
 
 DEFAULT_MAX_INFLIGHT = 2  # one prompt running, one waiting in the server's queue
 DEFAULT_MAX_ATTEMPTS = 3
@@ -60,7 +61,8 @@ class Timeouts:
 @dataclass(frozen=True)
 class RunSettings:
     manifest: Path
-    db: Path
+    #: an SQLite file, or a PostgreSQL URL shared by several runners
+    db: DbLocation
     output_dir: Path
     endpoints: tuple[EndpointSettings, ...]
     workflow: Path | None = None
@@ -71,6 +73,12 @@ class RunSettings:
     skip_invalid: bool = False
     rerun_changed: bool = False
     verify_video: bool = True
+    #: shared database only: this runner's name among the runners of the run
+    runner_name: str | None = None
+    #: shared database only: a runner silent this long is presumed gone and its jobs adopted
+    takeover_after: float = 60.0
+    #: serve Prometheus metrics on this loopback port
+    metrics_port: int | None = None
 
 
 def default_db(manifest: Path) -> Path:
@@ -152,7 +160,7 @@ def build_settings(
     config_file: Path | None,
     endpoints: Sequence[str],
     token: str | None,
-    db: Path | None,
+    db: DbLocation | None,
     output_dir: Path | None,
     workflow: Path | None,
     binds: Sequence[str],
@@ -207,7 +215,7 @@ def build_settings(
     return RunSettings(
         manifest=manifest,
         # Absolute, so stored output paths and exports mean the same from any directory.
-        db=(db or file_path("db") or default_db(manifest)).absolute(),
+        db=_absolute(db or _db_from_file(file_cfg, base) or default_db(manifest)),
         output_dir=(
             output_dir or file_path("output_dir") or default_output_dir(manifest)
         ).absolute(),
@@ -220,3 +228,14 @@ def build_settings(
         skip_invalid=skip_invalid,
         rerun_changed=rerun_changed,
     )
+
+
+def _db_from_file(file_cfg: Mapping[str, Any], base: Path) -> DbLocation | None:
+    if "db" not in file_cfg:
+        return None
+    given = location(str(file_cfg["db"]))
+    return base / given if isinstance(given, Path) else given
+
+
+def _absolute(db: DbLocation) -> DbLocation:
+    return db.absolute() if isinstance(db, Path) else db

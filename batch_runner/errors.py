@@ -7,6 +7,7 @@
     │   └── WorkflowError           a workflow file, binding or template parameter
     ├── StoreError                  the run database
     │   ├── RunLocked               another runner is using this database
+    │   ├── RunnerSuperseded        another runner presumed this one dead and took its jobs
     │   ├── DatabaseLocked          another program held the database's write lock too long
     │   ├── TransitionRejected      a state change whose precondition no longer holds
     │   └── SchemaError             the database was made by a newer batch_runner
@@ -49,6 +50,7 @@ __all__ = [
     "PermanentError",
     "PromptLost",
     "RunLocked",
+    "RunnerSuperseded",
     "SchemaError",
     "ServerError",
     "StoreError",
@@ -115,6 +117,10 @@ class StoreError(BatchRunnerError):
 
 class RunLocked(StoreError):
     """Another batch-runner process is using this run database."""
+
+
+class RunnerSuperseded(StoreError):
+    """Another runner presumed this one dead and took over its jobs."""
 
 
 class DatabaseLocked(StoreError):

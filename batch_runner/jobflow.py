@@ -40,8 +40,10 @@ from batch_runner.tracking import PromptWatch, outcome_of
 log = logging.getLogger(__name__)
 
 DOWNLOAD_TRIES = 3
-#: consecutive failed checks of a silent prompt before its attempt is given up
+#: checks of a silent prompt may fail for this many silence periods before the attempt ends
 MAX_FAILED_CHECKS = 5
+#: How often a prompt submitted by another runner is looked up in /queue and /history.
+FOREIGN_POLL_S = 1.0
 
 
 class StaleUpload(TransientError):
@@ -97,14 +99,22 @@ class JobFlow:
         )
         await self.follow(job, attempt, lane, prepared, submit=True)
 
-    async def resume(self, job: JobRecord, attempt: AttemptRecord, lane: Lane) -> None:
-        """An attempt found in flight when the runner started: re-attach by prompt_id."""
+    async def resume(
+        self, job: JobRecord, attempt: AttemptRecord, lane: Lane, *, foreign: bool = False
+    ) -> None:
+        """An attempt found in flight when the runner started: re-attach by prompt_id.
+
+        ``foreign``: taken over from another runner, whose socket got the prompt's messages;
+        ours never will, so the prompt is followed by asking the server.
+        """
         prepared = self.planner.prepared_from(job, attempt)
         if job.state is JobState.FETCHING and attempt.outputs is not None:
             files = [OutputFile(**o) for o in attempt.outputs]
             await self._fetch_and_record(job, attempt, lane, prepared, files)
             return
         watch = lane.tracker.watch(attempt.prompt_id, job.key)
+        if foreign:
+            watch.poll = FOREIGN_POLL_S
         try:
             location = await lane.locate(attempt.prompt_id)
         except EndpointGone as exc:
@@ -194,7 +204,7 @@ class JobFlow:
         self, job: JobRecord, attempt: AttemptRecord, lane: Lane, watch: PromptWatch
     ) -> None:
         silence = self.settings.timeouts.silence
-        failed_checks = 0
+        failing_since: float | None = None
         while True:
             if watch.started and not watch.recorded_running:
                 watch.recorded_running = True
@@ -203,23 +213,25 @@ class JobFlow:
                 return
             watch.changed.clear()
             remaining = silence - (clock.monotonic() - watch.last_heard)
+            wait = remaining if watch.poll is None else min(remaining, watch.poll)
             try:
-                await asyncio.wait_for(watch.changed.wait(), timeout=max(0.01, remaining))
+                await asyncio.wait_for(watch.changed.wait(), timeout=max(0.01, wait))
             except TimeoutError:
                 try:
-                    await lane.reconcile(watch, after_silence=True)
+                    # A polled prompt is silent by nature: that says nothing about our socket.
+                    await lane.reconcile(watch, after_silence=watch.poll is None)
                 except EndpointGone:
                     raise
                 except TransientError as exc:
                     # Not knowing is no reason to give up on a prompt that may be running:
-                    # ask again after the next silence period, a few times.
-                    failed_checks += 1
-                    if failed_checks >= MAX_FAILED_CHECKS:
+                    # ask again, for a while.
+                    failing_since = failing_since or clock.monotonic()
+                    if clock.monotonic() - failing_since >= MAX_FAILED_CHECKS * silence:
                         raise
                     log.info("%s: could not check %s: %s", lane.name, job.key, exc)
                     watch.touch()
                 else:
-                    failed_checks = 0
+                    failing_since = None
 
     # ---------------------------------------------------------------- outcome
 

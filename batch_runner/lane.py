@@ -59,6 +59,8 @@ class Lane:
         self.last_error: str | None = None
         self.done_count = 0
         self.ws_connected = False
+        #: websocket connections lost during the run (exported as a metric)
+        self.ws_disconnects = 0
         self.ws_ready = asyncio.Event()
         self._probe: asyncio.Task[None] | None = None
         self._upload_locks: dict[str, asyncio.Lock] = {}
@@ -97,6 +99,7 @@ class Lane:
                 self._spawn(self.reconcile_all(), "reconcile")
             elif isinstance(event, ev.Disconnected):
                 self.ws_connected = False
+                self.ws_disconnects += 1
                 log.info("%s: websocket lost (%s); will reconnect", self.name, event.reason)
             else:
                 self.tracker.handle(event)

@@ -29,6 +29,7 @@ from batch_runner import export
 from batch_runner.errors import InputError
 from batch_runner.states import JobState
 from batch_runner.store import Store
+from batch_runner.store.location import DbLocation
 
 THUMBNAIL_SIDE = 160
 #: Job ids listed under one failure reason; the rest are counted.
@@ -263,12 +264,14 @@ async def write_report(store: Store, run_id: int, manifest: str, out: IO[str], p
     return count
 
 
-def default_page(db: Path, manifest: str) -> Path:
-    """Beside the run database: ``jobs.report.html`` for ``jobs.csv``."""
-    return db.parent / f"{Path(manifest).stem}.report.html"
+def default_page(db: DbLocation, manifest: str) -> Path:
+    """Beside an SQLite run database (in the current folder for a server database):
+    ``jobs.report.html`` for ``jobs.csv``."""
+    folder = db.parent if isinstance(db, Path) else Path.cwd()
+    return folder / f"{Path(manifest).stem}.report.html"
 
 
-async def make_report(db: Path, output: Path | None) -> Path:
+async def make_report(db: DbLocation, output: Path | None) -> Path:
     """Write the report of the run in ``db``; return where it went."""
     from batch_runner.status import require_db
 

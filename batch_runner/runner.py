@@ -15,6 +15,7 @@ from typing import Any
 
 from batch_runner.config import RunSettings
 from batch_runner.errors import ConfigError, ManifestError, ManifestProblem
+from batch_runner.fleet import FleetMember, default_name, run_alongside
 from batch_runner.jobflow import JobFlow
 from batch_runner.lane import Lane
 from batch_runner.manifest import JobSpec, RowProblems, read_manifest
@@ -158,6 +159,40 @@ def _output_problem(path: str | None, sha256: str | None) -> str | None:
     return None
 
 
+async def _join_fleet(
+    store: Store, run_id: int, settings: RunSettings, stack: AsyncExitStack
+) -> FleetMember | None:
+    """On a shared database, register this runner; it deregisters when the run ends."""
+    if not store.shared:
+        if settings.runner_name is not None:
+            raise ConfigError("--runner-name applies to a shared (PostgreSQL) --db only")
+        return None
+    name = settings.runner_name or default_name()
+    member = await FleetMember.join(store, run_id, name, settings.takeover_after)
+    stack.push_async_callback(member.leave)
+    return member
+
+
+async def _serve_metrics(
+    store: Store,
+    run_id: int,
+    lanes: Sequence[Lane],
+    runner_id: int | None,
+    settings: RunSettings,
+    stack: AsyncExitStack,
+) -> asyncio.Task[None] | None:
+    """With --metrics-port: serve the metrics and keep them fresh (the task) until the end."""
+    if settings.metrics_port is None:
+        return None
+    from batch_runner.metrics import RunMetrics
+
+    metrics = RunMetrics(store, run_id, lanes, runner_id)
+    await metrics.refresh()
+    metrics.start(settings.metrics_port)
+    stack.push_async_callback(metrics.close)
+    return asyncio.create_task(metrics.keep_fresh(), name="metrics")
+
+
 async def run_batch(
     settings: RunSettings,
     template: WorkflowTemplate,
@@ -182,13 +217,19 @@ async def run_batch(
                 len(report.removed),
                 ", ".join(report.removed[:10]),
             )
-        await store.release_all_preparing(run.id)
-        requeued = await verify_succeeded(store, run.id)
+        member = await _join_fleet(store, run.id, settings, stack)
+        runner_id = member.id if member is not None else None
+        await store.release_all_preparing(run.id, runner_id)
+        # On a shared run the files may sit on another machine's disk: each runner checks
+        # only what it downloads.
+        requeued = 0 if member is not None else await verify_succeeded(store, run.id)
 
         lanes = []
         # Endpoints that answer but cannot run the workflow are left out before any job starts.
         for ep in await usable_endpoints(settings.endpoints, template):
             record = await store.ensure_endpoint(run.id, ep.url)
+            if member is not None:
+                record = member.endpoint_view(record)
             lane = Lane(ep, record, endpoint_timeout=settings.timeouts.endpoint)
             stack.push_async_callback(lane.close)
             lanes.append(lane)
@@ -197,8 +238,10 @@ async def run_batch(
             if not ok:
                 log.warning("%s does not answer; it joins when it does", lane.settings.url)
         flow = JobFlow(store, settings, Planner(template), stopping)
-        scheduler = Scheduler(store, run.id, lanes, flow, stopping, settings.timeouts.grace)
-        for job, attempt in scheduler.adopt(await store.in_flight(run.id)):
+        scheduler = Scheduler(
+            store, run.id, lanes, flow, stopping, settings.timeouts.grace, runner_id=runner_id
+        )
+        for job, attempt in scheduler.adopt(await store.in_flight(run.id, runner_id)):
             # Its endpoint is not in this run's list, so nobody can ask it about the prompt.
             reason = "its endpoint is not part of this run any more; submitting it again"
             log.warning("job %s: %s", job.key, reason)
@@ -211,12 +254,21 @@ async def run_batch(
                 attempt_state=AttemptState.ABANDONED,
             )
         watcher = asyncio.create_task(monitor(store, run.id, lanes)) if monitor else None
+        metrics = await _serve_metrics(store, run.id, lanes, runner_id, settings, stack)
         try:
-            await scheduler.run()
+            if member is None:
+                await scheduler.run()
+            else:
+                endpoint_ids = [lane.record.id for lane in lanes]
+                await scheduler.adopt_more(await member.take_over(endpoint_ids))
+                await run_alongside(
+                    scheduler.run(), member.keep_alive(endpoint_ids, scheduler.adopt_more)
+                )
         finally:
-            if watcher is not None:
-                watcher.cancel()
-                await asyncio.gather(watcher, return_exceptions=True)
+            for task in (watcher, metrics):
+                if task is not None:
+                    task.cancel()
+                    await asyncio.gather(task, return_exceptions=True)
         counts = await store.counts(run.id)
     with contextlib.suppress(OSError):  # only when empty: downloads in flight keep it
         (settings.output_dir / ".incoming").rmdir()

@@ -24,6 +24,8 @@ from batch_runner.store import AttemptRecord, JobRecord, Store
 log = logging.getLogger(__name__)
 
 IDLE_RECHECK_S = 5.0  # an idle slot re-reads the store at least this often
+#: On a shared database other runners free capacity without telling us: look again sooner.
+SHARED_RECHECK_S = 0.5
 WS_READY_WAIT_S = 5.0
 
 
@@ -39,6 +41,11 @@ class Scheduler:
     done: asyncio.Event = field(default_factory=asyncio.Event)
     _wake: asyncio.Condition = field(default_factory=asyncio.Condition)
     _adopted: dict[int, deque[tuple[JobRecord, AttemptRecord]]] = field(default_factory=dict)
+    #: on a shared database: this runner's id (claims are marked with it and capped per
+    #: endpoint across runners, and the run ends only when no runner holds a job)
+    runner_id: int | None = None
+    #: attempts adopted from another runner: their messages went to that runner's socket
+    _foreign: set[int] = field(default_factory=set)
 
     def adopt(
         self, in_flight: Sequence[tuple[JobRecord, AttemptRecord]]
@@ -55,6 +62,13 @@ class Scheduler:
             else:
                 orphans.append((job, attempt))
         return orphans
+
+    async def adopt_more(self, taken_over: Sequence[tuple[JobRecord, AttemptRecord]]) -> None:
+        """Hand attempts taken over from a stopped runner to the lanes, while running."""
+        for _job, attempt in self.adopt(taken_over):
+            log.warning("cannot follow prompt %s: its endpoint is not ours", attempt.prompt_id)
+        self._foreign.update(attempt.id for _job, attempt in taken_over)
+        await self.nudge()
 
     async def run(self) -> None:
         """Work until no job is left to claim and nothing is in flight, or until stopped."""
@@ -114,7 +128,8 @@ class Scheduler:
         while not self.done.is_set():
             if adopted:
                 job, attempt = adopted.popleft()
-                await self._work(self.flow.resume(job, attempt, lane))
+                foreign = attempt.id in self._foreign
+                await self._work(self.flow.resume(job, attempt, lane, foreign=foreign))
                 continue
             if self.stopping.is_set():
                 return
@@ -124,16 +139,28 @@ class Scheduler:
             # A retry waits a little for another endpoint, if there is one that works.
             others_up = any(other.healthy for other in self.lanes if other is not lane)
             grace = self.flow.settings.retry.elsewhere_grace if others_up else 0.0
-            claimed = await self.store.claim(self.run_id, lane.record.id, avoid_grace=grace)
+            claimed = await self.store.claim(
+                self.run_id,
+                lane.record.id,
+                avoid_grace=grace,
+                runner_id=self.runner_id,
+                capacity=lane.settings.max_inflight if self.runner_id is not None else None,
+            )
             if claimed:
                 await self._work(self.flow.run_claimed(claimed[0], lane))
                 continue
             claimable, next_due = await self.store.has_claimable(self.run_id)
-            if not claimable and next_due is None and self.busy == 0 and not self._any_adopted():
+            if (
+                not claimable
+                and next_due is None
+                and self.busy == 0
+                and not self._any_adopted()
+                and not await self._held_elsewhere()
+            ):
                 self.done.set()
                 await self.nudge()
                 return
-            wait = IDLE_RECHECK_S
+            wait = IDLE_RECHECK_S if self.runner_id is None else SHARED_RECHECK_S
             if next_due is not None:
                 wait = min(wait, max(0.05, next_due - clock.now().timestamp()))
             await self._idle(wait)
@@ -153,3 +180,9 @@ class Scheduler:
 
     def _any_adopted(self) -> bool:
         return any(self._adopted.values())
+
+    async def _held_elsewhere(self) -> bool:
+        """Another runner still holds jobs: stay, to take them over should it stop."""
+        if self.runner_id is None:
+            return False
+        return await self.store.held_elsewhere(self.run_id, self.runner_id) > 0

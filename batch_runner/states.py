@@ -36,6 +36,8 @@ TERMINAL: frozenset[JobState] = frozenset(
 IN_FLIGHT: frozenset[JobState] = frozenset(
     {JobState.SUBMITTED, JobState.RUNNING, JobState.FETCHING}
 )
+#: States in which a runner is working on the job (held by that runner on a shared database).
+ACTIVE: frozenset[JobState] = frozenset({JobState.PREPARING, *IN_FLIGHT})
 
 TRANSITIONS: dict[JobState, frozenset[JobState]] = {
     JobState.PENDING: frozenset({JobState.PREPARING, JobState.CANCELLED, JobState.SKIPPED}),

@@ -12,21 +12,23 @@ from batch_runner import export
 from batch_runner.errors import InputError
 from batch_runner.progress import describe
 from batch_runner.store import RunRecord, Store
+from batch_runner.store.location import DbLocation
 
 
 async def _the_run(store: Store) -> RunRecord:
     run = await store.only_run()
     if run is None:
-        raise InputError(f"{store.path} holds no run yet")
+        raise InputError(f"{store.db} holds no run yet")
     return run
 
 
-def require_db(db: Path) -> None:
-    if not db.is_file():
+def require_db(db: DbLocation) -> None:
+    # A server database is checked by connecting to it; a file must exist already.
+    if isinstance(db, Path) and not db.is_file():
         raise InputError(f"no run database at {db}; start the run first or give --db")
 
 
-async def print_status(db: Path, console: Console) -> int:
+async def print_status(db: DbLocation, console: Console) -> int:
     require_db(db)
     async with Store.open(db, exclusive=False) as store:
         run = await _the_run(store)
@@ -52,7 +54,7 @@ async def print_status(db: Path, console: Console) -> int:
     return 0
 
 
-async def retry_failed(db: Path, console: Console) -> int:
+async def retry_failed(db: DbLocation, console: Console) -> int:
     require_db(db)
     async with Store.open(db) as store:
         run = await _the_run(store)
@@ -61,7 +63,7 @@ async def retry_failed(db: Path, console: Console) -> int:
     return 0
 
 
-async def export_results(db: Path, output: Path | None, fmt: str) -> int:
+async def export_results(db: DbLocation, output: Path | None, fmt: str) -> int:
     require_db(db)
     writer = export.write_jsonl if fmt == "jsonl" else export.write_csv
     async with Store.open(db, exclusive=False) as store:

@@ -40,6 +40,8 @@ class PromptWatch:
     #: reconciliation found the finished entry in /history
     entry: HistoryEntry | None = None
     lost: bool = False
+    #: seconds between /queue and /history look-ups when no message can come (taken over)
+    poll: float | None = None
     changed: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from pathlib import Path
 
 from rich.console import Console, Group, RenderableType
 from rich.live import Live
@@ -15,6 +14,7 @@ from batch_runner.errors import InputError
 from batch_runner.progress import snapshot
 from batch_runner.status import require_db
 from batch_runner.store import Store
+from batch_runner.store.location import DbLocation
 
 
 def endpoints_table(snap: Snapshot, videos: dict[str, int]) -> Table:
@@ -36,7 +36,7 @@ def view(manifest: str, snap: Snapshot, videos: dict[str, int]) -> RenderableTyp
     return Group(*parts)
 
 
-async def watch_status(db: Path, console: Console, interval: float) -> None:
+async def watch_status(db: DbLocation, console: Console, interval: float) -> None:
     """Refresh until interrupted: a live view on a terminal, a plain line per tick otherwise."""
     require_db(db)
     async with Store.open(db, exclusive=False) as store:

@@ -17,8 +17,11 @@ from sqlalchemy import Connection, event
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from batch_runner.errors import RunLocked, SchemaError
+from batch_runner.store.location import Database
 
 BUSY_TIMEOUT_MS = 10_000
+#: Key of the PostgreSQL advisory lock that lets one runner at a time apply migrations.
+MIGRATION_LOCK_KEY = 0x62617463  # "batc"
 
 
 def migrations_dir() -> Path:
@@ -33,6 +36,13 @@ def alembic_config() -> Config:
     cfg = Config()
     cfg.set_main_option("script_location", str(migrations_dir()))
     return cfg
+
+
+def engine_for(db: Database) -> AsyncEngine:
+    if db.path is not None:
+        return create_engine(db.path)
+    # A small pool: the store runs one transaction at a time, and heartbeats share the pool.
+    return create_async_engine(db.url, pool_size=2, max_overflow=0, pool_pre_ping=True)
 
 
 def create_engine(path: Path) -> AsyncEngine:
@@ -68,6 +78,9 @@ async def migrate(engine: AsyncEngine) -> None:
     heads = set(ScriptDirectory.from_config(cfg).get_heads())
 
     def _upgrade(conn: Connection) -> None:
+        if conn.dialect.name == "postgresql":
+            # Runners starting together: the first migrates, the others wait and find it done.
+            conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK_KEY})")
         current = set(MigrationContext.configure(conn).get_current_heads())
         known = {rev.revision for rev in ScriptDirectory.from_config(cfg).walk_revisions()}
         if current - known:

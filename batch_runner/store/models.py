@@ -53,6 +53,23 @@ endpoints = Table(
     UniqueConstraint("run_id", "url"),
 )
 
+runners = Table(
+    "runners",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("run_id", Integer, ForeignKey("runs.id"), nullable=False),
+    # Chosen by the operator (--runner-name): a restarted runner with the same name resumes
+    # its own in-flight jobs.
+    Column("name", String, nullable=False),
+    Column("host", String, nullable=False),
+    Column("pid", Integer, nullable=False),
+    Column("started_at", Float, nullable=False),
+    Column("heartbeat_at", Float, nullable=False),
+    # Set when it stopped cleanly, or when another runner took over its jobs.
+    Column("stopped_at", Float, nullable=True),
+    UniqueConstraint("run_id", "name"),
+)
+
 jobs = Table(
     "jobs",
     metadata,
@@ -79,9 +96,15 @@ jobs = Table(
     Column("updated_at", Float, nullable=False),
     Column("started_at", Float, nullable=True),
     Column("finished_at", Float, nullable=True),
+    # Shared databases only: the runner holding the job while it is active (takeover finds a
+    # dead runner's jobs by it), and the endpoint it was claimed for (capacity across runners).
+    Column("runner_id", Integer, nullable=True),
+    Column("claimed_endpoint_id", Integer, nullable=True),
     UniqueConstraint("run_id", "key"),
     # Matches the claim query: claimable states of one run, oldest first.
     Index(None, "run_id", "state", "id"),
+    Index(None, "runner_id", "state"),
+    Index(None, "claimed_endpoint_id", "state"),
 )
 
 attempts = Table(

@@ -125,3 +125,31 @@ class IngestReport:
     #: keys of rows that are no longer in the manifest; they are not run
     removed: tuple[str, ...] = ()
     restored: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class RunnerRecord:
+    """One runner process registered on a shared run."""
+
+    id: int
+    name: str
+    host: str
+    pid: int
+    heartbeat_at: float
+    stopped_at: float | None
+
+    @classmethod
+    def from_row(cls, row: Any) -> RunnerRecord:
+        return cls(row.id, row.name, row.host, row.pid, row.heartbeat_at, row.stopped_at)
+
+
+@dataclass(frozen=True)
+class Observations:
+    """Timings that ended after a point in time, for the metrics histograms."""
+
+    #: seconds from first claim to success, per job that succeeded
+    job_durations: tuple[float, ...]
+    #: seconds from the server accepting a prompt to starting it, per attempt that started
+    queue_waits: tuple[float, ...]
+    #: the newest end time seen: pass it back to get only newer timings next time
+    until: float

@@ -16,28 +16,48 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Select, and_, column, func, insert, or_, select, table, update
+from sqlalchemy import ColumnElement, Select, and_, column, func, insert, or_, select, table, update
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from batch_runner import clock, crashpoints
 from batch_runner.errors import DatabaseLocked, TransitionRejected
-from batch_runner.states import ATTEMPT_OPEN, IN_FLIGHT, TERMINAL, AttemptState, JobState
+from batch_runner.states import (
+    ACTIVE,
+    ATTEMPT_OPEN,
+    IN_FLIGHT,
+    TERMINAL,
+    AttemptState,
+    JobState,
+)
+from batch_runner.store import dialect
 from batch_runner.store import engine as engine_mod
-from batch_runner.store.models import attempts, endpoints, job_events, jobs, runs, uploads
+from batch_runner.store.location import Database, database
+from batch_runner.store.models import (
+    attempts,
+    endpoints,
+    job_events,
+    jobs,
+    runners,
+    runs,
+    uploads,
+)
 from batch_runner.store.records import (
     AttemptRecord,
     EndpointRecord,
     IngestReport,
     JobRecord,
     NewJob,
+    Observations,
+    RunnerRecord,
     RunRecord,
 )
 
 INGEST_BATCH = 2000
 LOCK_RETRIES = 5
 # Keys seen by the ingest in progress (a per-connection temp table) to find removed rows.
-_INGEST_KEYS: Select[tuple[Any]] = select(column("key")).select_from(table("ingest_keys"))
+_INGEST_TABLE = table("ingest_keys", column("key"))
+_INGEST_KEYS: Select[tuple[Any]] = select(_INGEST_TABLE.c.key)
 
 
 def _now() -> float:
@@ -59,40 +79,55 @@ class Failure:
 
 
 class Store:
-    """A run database. Open it with ``async with Store.open(path) as store``."""
+    """A run database. Open it with ``async with Store.open(path_or_url) as store``."""
 
-    def __init__(self, engine: AsyncEngine, path: Path) -> None:
+    def __init__(self, engine: AsyncEngine, db: Database) -> None:
         self._engine = engine
-        self.path = path
+        self.db = db
+        #: the SQLite file, or None on a database server
+        self.path = db.path
         # One connection, one transaction at a time: the lock queues concurrent callers.
         self._lock = asyncio.Lock()
 
     @classmethod
     @asynccontextmanager
-    async def open(cls, path: Path, *, exclusive: bool = True) -> AsyncIterator[Store]:
-        """Open (creating and migrating as needed) the database at ``path``.
+    async def open(
+        cls, location: Path | str | Database, *, exclusive: bool = True
+    ) -> AsyncIterator[Store]:
+        """Open (creating and migrating as needed) the database at ``location``: an SQLite
+        file path or a PostgreSQL URL.
 
-        ``exclusive`` takes the single-runner lock; read-only commands such as ``status`` and
-        ``export`` open without it.
+        ``exclusive`` takes SQLite's single-runner lock; read-only commands such as ``status``
+        and ``export`` open without it. A PostgreSQL database is shared by design: runners
+        coordinate through row locks and their registrations, not a lock file.
         """
+        db = database(location)
+        path = db.path
+        if path is None or not exclusive:
+            if path is not None:
+                path.parent.mkdir(parents=True, exist_ok=True)
+            async with cls._opened(db) as store:
+                yield store
+            return
         path.parent.mkdir(parents=True, exist_ok=True)
-        if exclusive:
-            with engine_mod.runner_lock(path):
-                async with cls._opened(path) as store:
-                    yield store
-        else:
-            async with cls._opened(path) as store:
+        with engine_mod.runner_lock(path):
+            async with cls._opened(db) as store:
                 yield store
 
     @classmethod
     @asynccontextmanager
-    async def _opened(cls, path: Path) -> AsyncIterator[Store]:
-        engine = engine_mod.create_engine(path)
+    async def _opened(cls, db: Database) -> AsyncIterator[Store]:
+        engine = engine_mod.engine_for(db)
         try:
             await engine_mod.migrate(engine)
-            yield cls(engine, path)
+            yield cls(engine, db)
         finally:
             await engine.dispose()
+
+    @property
+    def shared(self) -> bool:
+        """Whether other runners may be working this database at the same time."""
+        return self.db.shared
 
     @asynccontextmanager
     async def _tx(self) -> AsyncIterator[AsyncConnection]:
@@ -110,7 +145,7 @@ class Store:
                     await conn.rollback()
                     if attempt == LOCK_RETRIES:
                         raise DatabaseLocked(
-                            f"{self.path} stayed locked by another program for "
+                            f"{self.db} stayed locked by another program for "
                             f"{LOCK_RETRIES} × {engine_mod.BUSY_TIMEOUT_MS / 1000:g} s; "
                             "close whatever holds it and run the same command again"
                         ) from exc
@@ -131,7 +166,9 @@ class Store:
             row = (await conn.execute(select(runs).where(runs.c.key == key))).first()
             if row is None:
                 await conn.execute(
-                    insert(runs).values(key=key, manifest=manifest, created_at=now, updated_at=now)
+                    dialect.insert_ignoring_duplicates(conn, runs).values(
+                        key=key, manifest=manifest, created_at=now, updated_at=now
+                    )
                 )
                 row = (await conn.execute(select(runs).where(runs.c.key == key))).one()
             return RunRecord(
@@ -169,7 +206,9 @@ class Store:
             row = (await conn.execute(select(endpoints).where(where))).first()
             if row is None:
                 await conn.execute(
-                    insert(endpoints).values(run_id=run_id, url=url, client_id=uuid.uuid4().hex)
+                    dialect.insert_ignoring_duplicates(conn, endpoints).values(
+                        run_id=run_id, url=url, client_id=uuid.uuid4().hex
+                    )
                 )
                 row = (await conn.execute(select(endpoints).where(where))).one()
             return EndpointRecord(row.id, row.url, row.client_id)
@@ -192,7 +231,11 @@ class Store:
         """
         added = unchanged = updated = restored = 0
         changed: list[str] = []
-        async with self._lock, self._engine.connect() as conn:
+        async with (
+            self._lock,
+            self._engine.connect() as conn,
+            dialect.ingest_lock(conn, run_id),
+        ):
             await conn.exec_driver_sql(
                 "CREATE TEMP TABLE IF NOT EXISTS ingest_keys (key TEXT PRIMARY KEY)"
             )
@@ -247,8 +290,8 @@ class Store:
     ) -> tuple[int, int, int, int, list[str]]:
         now = _now()
         keys = [j.key for j in batch]
-        await conn.exec_driver_sql(
-            "INSERT OR IGNORE INTO ingest_keys (key) VALUES (?)", [(k,) for k in keys]
+        await conn.execute(
+            dialect.insert_ignoring_duplicates(conn, _INGEST_TABLE), [{"key": k} for k in keys]
         )
         existing = {
             r.key: r
@@ -380,7 +423,11 @@ class Store:
         **values: Any,
     ) -> JobState:
         allowed_set = {s.value for s in allowed}
-        row = (await conn.execute(select(jobs.c.state).where(jobs.c.id == job_id))).first()
+        # FOR UPDATE: on a shared database another runner cannot change the row between this
+        # check and the update below (SQLite's single writer needs no row lock).
+        row = (
+            await conn.execute(select(jobs.c.state).where(jobs.c.id == job_id).with_for_update())
+        ).first()
         if row is None or row.state not in allowed_set:
             current = row.state if row else "missing"
             raise TransitionRejected(f"job {job_id}: cannot move from {current} to {to.value}")
@@ -411,16 +458,31 @@ class Store:
         return result.first() is not None
 
     async def claim(
-        self, run_id: int, endpoint_id: int, limit: int = 1, *, avoid_grace: float = 0.0
+        self,
+        run_id: int,
+        endpoint_id: int,
+        limit: int = 1,
+        *,
+        avoid_grace: float = 0.0,
+        runner_id: int | None = None,
+        capacity: int | None = None,
     ) -> list[JobRecord]:
         """Take up to ``limit`` claimable jobs for one endpoint (pending or due for retry).
 
         A job that last failed on this endpoint is taken here only when nothing else is left
         and no other endpoint took it within ``avoid_grace`` seconds of it becoming due, so a
         retry lands elsewhere when it can.
+
+        On a shared database, rows other runners are claiming are skipped (SKIP LOCKED), the
+        jobs are marked as held by ``runner_id``, and ``capacity`` caps the jobs of this
+        endpoint that are preparing or on its GPU across all runners.
         """
         now = _now()
         async with self._tx() as conn:
+            if capacity is not None:
+                limit = min(limit, capacity - await self._endpoint_load(conn, endpoint_id))
+                if limit <= 0:
+                    return []
             due = and_(
                 jobs.c.run_id == run_id,
                 jobs.c.in_manifest.is_(True),
@@ -437,6 +499,7 @@ class Store:
                         .where(due, not_avoided)
                         .order_by(jobs.c.next_eligible_at)
                         .limit(limit)
+                        .with_for_update(skip_locked=True)
                     )
                 ).scalars()
             )
@@ -452,6 +515,7 @@ class Store:
                             )
                             .order_by(jobs.c.id)
                             .limit(limit - len(ids))
+                            .with_for_update(skip_locked=True)
                         )
                     )
                     .scalars()
@@ -465,6 +529,7 @@ class Store:
                             .where(due, ~not_avoided, jobs.c.next_eligible_at <= now - avoid_grace)
                             .order_by(jobs.c.next_eligible_at)
                             .limit(limit - len(ids))
+                            .with_for_update(skip_locked=True)
                         )
                     )
                     .scalars()
@@ -479,10 +544,29 @@ class Store:
                     allowed=(JobState.PENDING, JobState.RETRY_WAIT),
                     detail=f"endpoint {endpoint_id}",
                     started_at=func.coalesce(jobs.c.started_at, now),
+                    runner_id=runner_id,
+                    claimed_endpoint_id=endpoint_id,
                 )
                 row = (await conn.execute(select(jobs).where(jobs.c.id == job_id))).one()
                 claimed.append(JobRecord.from_row(row))
             return claimed
+
+    async def _endpoint_load(self, conn: AsyncConnection, endpoint_id: int) -> int:
+        """Jobs being prepared for or run on one endpoint, by any runner. The endpoint's row
+        lock makes concurrent claims for it take turns, so the count cannot go stale."""
+        await conn.execute(
+            select(endpoints.c.id).where(endpoints.c.id == endpoint_id).with_for_update()
+        )
+        busy = [JobState.PREPARING.value, JobState.SUBMITTED.value, JobState.RUNNING.value]
+        return int(
+            (
+                await conn.execute(
+                    select(func.count()).where(
+                        jobs.c.claimed_endpoint_id == endpoint_id, jobs.c.state.in_(busy)
+                    )
+                )
+            ).scalar_one()
+        )
 
     async def has_claimable(self, run_id: int) -> tuple[bool, float | None]:
         """Whether any job can still be claimed now, and when the next retry becomes due."""
@@ -521,15 +605,22 @@ class Store:
                 conn, job_id, JobState.PENDING, allowed=(JobState.PREPARING,), detail=reason
             )
 
-    async def release_all_preparing(self, run_id: int) -> int:
-        """After a crash, jobs caught while preparing go back to pending (nothing was sent)."""
+    async def release_all_preparing(self, run_id: int, runner_id: int | None = None) -> int:
+        """After a crash, jobs caught while preparing go back to pending (nothing was sent).
+
+        On a shared database only ``runner_id``'s own: other runners are preparing theirs.
+        """
         async with self._tx() as conn:
+            mine = (
+                jobs.c.runner_id == runner_id if runner_id is not None else jobs.c.id.is_not(None)
+            )
             return await self._move_all(
                 conn,
                 run_id,
                 (JobState.PREPARING,),
                 JobState.PENDING,
                 detail="resumed: was preparing when the runner stopped",
+                where=mine,
             )
 
     async def _move_all(
@@ -540,21 +631,17 @@ class Store:
         to: JobState,
         *,
         detail: str,
+        where: ColumnElement[bool] | None = None,
         **values: Any,
     ) -> int:
-        """Move every job of the run that is in one of ``sources``; returns how many."""
+        """Move every job of the run that is in one of ``sources`` (and matches ``where``)."""
         allowed = tuple(sources)
-        ids = (
-            (
-                await conn.execute(
-                    select(jobs.c.id).where(
-                        jobs.c.run_id == run_id, jobs.c.state.in_([s.value for s in allowed])
-                    )
-                )
-            )
-            .scalars()
-            .all()
+        query = select(jobs.c.id).where(
+            jobs.c.run_id == run_id, jobs.c.state.in_([s.value for s in allowed])
         )
+        if where is not None:
+            query = query.where(where)
+        ids = (await conn.execute(query)).scalars().all()
         for job_id in ids:
             await self._move(conn, job_id, to, allowed=allowed, detail=detail, **values)
         return len(ids)
@@ -840,9 +927,14 @@ class Store:
     async def record_upload(self, endpoint_id: int, sha256: str, name: str) -> None:
         async with self._tx() as conn:
             await conn.execute(
-                insert(uploads)
-                .values(endpoint_id=endpoint_id, sha256=sha256, name=name)
-                .prefix_with("OR REPLACE")
+                dialect.upsert(
+                    conn,
+                    uploads,
+                    ("endpoint_id", "sha256"),
+                    endpoint_id=endpoint_id,
+                    sha256=sha256,
+                    name=name,
+                )
             )
 
     async def forget_uploads(self, endpoint_id: int) -> None:
@@ -858,29 +950,25 @@ class Store:
                 (await conn.execute(select(jobs).where(jobs.c.id == job_id))).one()
             )
 
-    async def in_flight(self, run_id: int) -> list[tuple[JobRecord, AttemptRecord]]:
-        """Jobs that may have a prompt on a server, each with its newest attempt."""
+    async def in_flight(
+        self, run_id: int, runner_id: int | None = None
+    ) -> list[tuple[JobRecord, AttemptRecord]]:
+        """Jobs that may have a prompt on a server, each with its newest attempt (on a shared
+        database, those held by ``runner_id``)."""
         async with self._tx() as conn:
+            mine = (
+                jobs.c.runner_id == runner_id if runner_id is not None else jobs.c.id.is_not(None)
+            )
             rows = (
                 await conn.execute(
                     select(jobs).where(
                         jobs.c.run_id == run_id,
                         jobs.c.state.in_([s.value for s in IN_FLIGHT]),
+                        mine,
                     )
                 )
             ).all()
-            result = []
-            for row in rows:
-                attempt = (
-                    await conn.execute(
-                        select(attempts)
-                        .where(attempts.c.job_id == row.id)
-                        .order_by(attempts.c.number.desc())
-                        .limit(1)
-                    )
-                ).one()
-                result.append((JobRecord.from_row(row), AttemptRecord.from_row(attempt)))
-            return result
+            return [(JobRecord.from_row(row), await _latest_attempt(conn, row.id)) for row in rows]
 
     async def succeeded(self, run_id: int) -> AsyncIterator[JobRecord]:
         """Succeeded jobs, streamed in batches (a run may hold a million)."""
@@ -1036,3 +1124,204 @@ class Store:
             for row in rows:
                 yield dict(row._mapping)
             last_line, last_id = rows[-1].line, rows[-1].id
+
+    # ---------------------------------------------------------------- runners (shared database)
+
+    async def runner_named(self, run_id: int, name: str) -> RunnerRecord | None:
+        async with self._tx() as conn:
+            row = (
+                await conn.execute(
+                    select(runners).where(runners.c.run_id == run_id, runners.c.name == name)
+                )
+            ).first()
+            return RunnerRecord.from_row(row) if row is not None else None
+
+    async def register_runner(self, run_id: int, name: str, host: str, pid: int) -> RunnerRecord:
+        """Register (or re-register, after a restart) a runner under its name."""
+        now = _now()
+        async with self._tx() as conn:
+            await conn.execute(
+                dialect.upsert(
+                    conn,
+                    runners,
+                    ("run_id", "name"),
+                    run_id=run_id,
+                    name=name,
+                    host=host,
+                    pid=pid,
+                    started_at=now,
+                    heartbeat_at=now,
+                    stopped_at=None,
+                )
+            )
+            row = (
+                await conn.execute(
+                    select(runners).where(runners.c.run_id == run_id, runners.c.name == name)
+                )
+            ).one()
+            return RunnerRecord.from_row(row)
+
+    async def heartbeat(self, runner_id: int) -> bool:
+        """Say this runner is alive. False: another runner has taken over its jobs."""
+        async with self._tx() as conn:
+            result = await conn.execute(
+                update(runners)
+                .where(runners.c.id == runner_id, runners.c.stopped_at.is_(None))
+                .values(heartbeat_at=_now())
+                .returning(runners.c.id)
+            )
+            return result.first() is not None
+
+    async def runner_stopped(self, runner_id: int) -> None:
+        """A clean exit: other runners may adopt what it left in flight without waiting."""
+        async with self._tx() as conn:
+            await conn.execute(
+                update(runners)
+                .where(runners.c.id == runner_id, runners.c.stopped_at.is_(None))
+                .values(stopped_at=_now())
+            )
+
+    async def take_over(
+        self, run_id: int, runner_id: int, endpoint_ids: Iterable[int], stale_before: float
+    ) -> list[tuple[JobRecord, AttemptRecord]]:
+        """Adopt the jobs of runners that stopped, or whose heartbeat is older than
+        ``stale_before``: their preparing jobs go back to pending (nothing was sent), and their
+        in-flight jobs on ``endpoint_ids`` become this runner's, returned with their newest
+        attempt so the caller re-attaches to the prompts by prompt_id."""
+        now = _now()
+        reachable = set(endpoint_ids)
+        async with self._tx() as conn:
+            gone = {
+                r.id: r.name
+                for r in await conn.execute(
+                    select(runners.c.id, runners.c.name).where(
+                        runners.c.run_id == run_id,
+                        runners.c.id != runner_id,
+                        or_(
+                            runners.c.heartbeat_at < stale_before, runners.c.stopped_at.is_not(None)
+                        ),
+                    )
+                )
+            }
+            if not gone:
+                return []
+            # A runner that was only paused finds this on its next heartbeat and stops.
+            await conn.execute(
+                update(runners)
+                .where(runners.c.id.in_(list(gone)), runners.c.stopped_at.is_(None))
+                .values(stopped_at=now)
+            )
+            held = (
+                await conn.execute(
+                    select(jobs)
+                    .where(
+                        jobs.c.run_id == run_id,
+                        jobs.c.runner_id.in_(list(gone)),
+                        jobs.c.state.in_([JobState.PREPARING.value, *(s.value for s in IN_FLIGHT)]),
+                    )
+                    .with_for_update(skip_locked=True)
+                )
+            ).all()
+            adopted = []
+            for row in held:
+                previous = gone[row.runner_id]
+                if row.state == JobState.PREPARING.value:
+                    await self._move(
+                        conn,
+                        row.id,
+                        JobState.PENDING,
+                        allowed=(JobState.PREPARING,),
+                        detail=f"released: runner {previous} stopped while preparing it",
+                        runner_id=None,
+                    )
+                    continue
+                attempt = await _latest_attempt(conn, row.id)
+                if attempt.endpoint_id not in reachable:
+                    continue  # left for a runner that has this endpoint
+                await conn.execute(
+                    update(jobs).where(jobs.c.id == row.id).values(runner_id=runner_id)
+                )
+                state = JobState(row.state)
+                await self._log(
+                    conn, row.id, state, state, attempt.id, f"taken over from runner {previous}"
+                )
+                adopted.append((JobRecord.from_row(row), attempt))
+            return adopted
+
+    async def held_elsewhere(self, run_id: int, runner_id: int) -> int:
+        """Active jobs of this run held by other runners (alive, or not yet taken over)."""
+        async with self._tx() as conn:
+            return int(
+                (
+                    await conn.execute(
+                        select(func.count()).where(
+                            jobs.c.run_id == run_id,
+                            jobs.c.state.in_([s.value for s in ACTIVE]),
+                            or_(jobs.c.runner_id.is_(None), jobs.c.runner_id != runner_id),
+                        )
+                    )
+                ).scalar_one()
+            )
+
+    # ---------------------------------------------------------------- metrics
+
+    async def observations(
+        self, run_id: int, since: float, runner_id: int | None = None
+    ) -> Observations:
+        """Job durations and queue waits that ended after ``since`` (on a shared database,
+        of ``runner_id``'s jobs, so runners' histograms add up without double counting)."""
+        mine = jobs.c.runner_id == runner_id if runner_id is not None else jobs.c.id.is_not(None)
+        async with self._tx() as conn:
+            done = (
+                await conn.execute(
+                    select(jobs.c.started_at, jobs.c.finished_at).where(
+                        jobs.c.run_id == run_id,
+                        jobs.c.state == JobState.SUCCEEDED.value,
+                        jobs.c.finished_at > since,
+                        jobs.c.started_at.is_not(None),
+                        mine,
+                    )
+                )
+            ).all()
+            started = (
+                await conn.execute(
+                    select(attempts.c.submitted_at, attempts.c.started_at)
+                    .select_from(attempts.join(jobs, attempts.c.job_id == jobs.c.id))
+                    .where(
+                        jobs.c.run_id == run_id,
+                        attempts.c.started_at > since,
+                        attempts.c.submitted_at.is_not(None),
+                        mine,
+                    )
+                )
+            ).all()
+        until = max([since, *(r.finished_at for r in done), *(r.started_at for r in started)])
+        return Observations(
+            job_durations=tuple(r.finished_at - r.started_at for r in done),
+            queue_waits=tuple(max(0.0, r.started_at - r.submitted_at) for r in started),
+            until=until,
+        )
+
+    async def failure_reasons(self, run_id: int) -> dict[str, int]:
+        """Attempts that ended in an error, by its kind (every runner's)."""
+        ended = [AttemptState.FAILED.value, AttemptState.LOST.value, AttemptState.ABANDONED.value]
+        async with self._tx() as conn:
+            rows = await conn.execute(
+                select(attempts.c.error_kind, func.count())
+                .select_from(attempts.join(jobs, attempts.c.job_id == jobs.c.id))
+                .where(jobs.c.run_id == run_id, attempts.c.state.in_(ended))
+                .group_by(attempts.c.error_kind)
+            )
+            return {kind or "unknown": n for kind, n in rows}
+
+
+async def _latest_attempt(conn: AsyncConnection, job_id: int) -> AttemptRecord:
+    row = (
+        await conn.execute(
+            select(attempts)
+            .where(attempts.c.job_id == job_id)
+            .order_by(attempts.c.number.desc())
+            .limit(1)
+        )
+    ).one()
+    return AttemptRecord.from_row(row)

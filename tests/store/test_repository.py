@@ -20,9 +20,11 @@ def rows(n: int, *, changed: dict[str, str] | None = None) -> list[NewJob]:
     ]
 
 
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[Store]:
-    async with Store.open(tmp_path / "run.sqlite") as s:
+@pytest.fixture(params=["sqlite", "postgresql"])
+async def store(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[Store]:
+    """The same repository tests on both dialects (the PostgreSQL one needs a server)."""
+    where = request.getfixturevalue("pg_url") if request.param == "postgresql" else None
+    async with Store.open(where or tmp_path / "run.sqlite") as s:
         yield s
 
 
@@ -43,8 +45,9 @@ async def test_happy_path_is_logged_in_order(store: Store) -> None:
     assert done.state is JobState.SUCCEEDED
     assert done.resolved == {"seed": 5}
     assert done.attempts == 1
-    with sqlite3.connect(store.path) as db:
-        trail = [r[0] for r in db.execute("SELECT to_state FROM job_events ORDER BY id")]
+    async with store._engine.connect() as conn:
+        result = await conn.exec_driver_sql("SELECT to_state FROM job_events ORDER BY id")
+        trail = [r[0] for r in result]
     assert trail == ["preparing", "submitted", "running", "fetching", "succeeded"]
 
 

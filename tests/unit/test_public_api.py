@@ -25,6 +25,7 @@ def test_error_tree_is_pinned() -> None:
         "WorkflowError": "InputError",
         "StoreError": "BatchRunnerError",
         "RunLocked": "StoreError",
+        "RunnerSuperseded": "StoreError",
         "DatabaseLocked": "StoreError",
         "TransitionRejected": "StoreError",
         "SchemaError": "StoreError",
