@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import click
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 
 from batch_runner import __version__
 from batch_runner.config import RunSettings, build_settings, default_db
@@ -51,15 +52,35 @@ class RedactSecrets(logging.Filter):
         return True
 
 
-def _setup_logging(debug: bool, quiet: bool) -> None:
+def _setup_logging(debug: bool, quiet: bool, json_logs: bool = False) -> None:
     level = logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO
-    handler = RichHandler(console=stderr, show_path=debug, rich_tracebacks=debug, markup=False)
+    handler: logging.Handler
+    if json_logs:
+        from batch_runner.jsonlog import JsonFormatter
+
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler = RichHandler(console=stderr, show_path=debug, rich_tracebacks=debug, markup=False)
     handler.addFilter(RedactSecrets())
     logging.basicConfig(level=level, handlers=[handler], format="%(message)s", force=True)
     if not debug:
         # Third-party libraries speak only when something is wrong.
         for name in ("aiohttp", "websockets", "alembic", "sqlalchemy"):
             logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def _json_logs() -> bool:
+    context = click.get_current_context(silent=True)
+    return bool(context and context.find_root().params.get("json_logs"))
+
+
+def _say_error(message: str) -> None:
+    """An error for the user: a log record with --json-logs, a red line otherwise."""
+    if _json_logs():
+        log.error("%s", message)
+    else:
+        stderr.print(f"[bold red]error:[/] {escape(message)}", markup=True, highlight=False)
 
 
 def handle_errors(func: F) -> F:
@@ -74,7 +95,7 @@ def handle_errors(func: F) -> F:
         except BatchRunnerError as exc:
             if debug:
                 raise
-            stderr.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False)
+            _say_error(str(exc))
             code = EXIT_USAGE if isinstance(exc, InputError | RunLocked) else EXIT_FAILED
             sys.exit(code)
         except (KeyboardInterrupt, click.exceptions.Exit, click.ClickException, SystemExit):
@@ -82,8 +103,15 @@ def handle_errors(func: F) -> F:
         except Exception as exc:
             if debug:
                 raise
+            if isinstance(exc, OSError) and exc.filename:
+                # A file or folder the user named cannot be read or written.
+                _say_error(
+                    f"cannot use {exc.filename}: {exc.strerror}. Check the path and its "
+                    "permissions, then run the same command again."
+                )
+                sys.exit(EXIT_USAGE)
             stderr.print(
-                f"[bold red]internal error:[/] {type(exc).__name__}: {exc}\n"
+                f"[bold red]internal error:[/] {type(exc).__name__}: {escape(str(exc))}\n"
                 "Run the same command with --debug for details; the run database is intact.",
                 markup=True,
                 highlight=False,
@@ -96,14 +124,19 @@ def handle_errors(func: F) -> F:
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="batch-runner")
 @click.option("--debug", is_flag=True, help="Verbose logs and full tracebacks.")
-@click.option("--quiet", "-q", is_flag=True, help="Only warnings and errors.")
-def main(debug: bool, quiet: bool) -> None:
+@click.option("--quiet", "-q", is_flag=True, help="Only warnings and errors; no progress display.")
+@click.option(
+    "--json-logs",
+    is_flag=True,
+    help="Logs (and progress lines) as one JSON object per line on stderr, for machines.",
+)
+def main(debug: bool, quiet: bool, json_logs: bool) -> None:
     """Turn (image, prompt) pairs into Wan2.2 image-to-video clips on ComfyUI servers.
 
     Start with `batch-runner run jobs.csv --endpoint http://HOST:8188`; run the same command
     again to resume an interrupted run.
     """
-    _setup_logging(debug, quiet)
+    _setup_logging(debug, quiet, json_logs)
 
 
 def _db_for(manifest: Path | None, db: DbLocation | None) -> DbLocation:
@@ -352,7 +385,7 @@ def _progress_monitor() -> Monitor | None:
 
     if log.getEffectiveLevel() > logging.INFO:
         return None
-    live = stderr.is_terminal
+    live = stderr.is_terminal and not _json_logs()
 
     async def monitor(store: Store, run_id: int, lanes: Sequence[Lane]) -> None:
         await report_progress(store, run_id, lanes, stderr, live=live)
@@ -394,11 +427,32 @@ def _print_summary(settings: RunSettings, summary: Any) -> None:
 @main.command()
 @manifest_arg
 @db_option
+@click.option(
+    "--watch",
+    "-w",
+    is_flag=True,
+    help="Keep refreshing (progress, speed, ETA, recent failures) until Ctrl-C; works on a "
+    "run started elsewhere.",
+)
+@click.option(
+    "--interval",
+    default=2.0,
+    show_default=True,
+    type=click.FloatRange(min=0.1),
+    metavar="SECONDS",
+    help="Refresh period for --watch.",
+)
 @handle_errors
-def status(manifest: Path | None, db: DbLocation | None) -> None:
+def status(manifest: Path | None, db: DbLocation | None, watch: bool, interval: float) -> None:
     """Counts per state and per endpoint, and the failures with their reasons."""
     from batch_runner.status import print_status
 
+    if watch:
+        from batch_runner.watch import watch_status
+
+        with suppress(KeyboardInterrupt):
+            asyncio.run(watch_status(_db_for(manifest, db), Console(), interval))
+        sys.exit(EXIT_OK)
     sys.exit(_run_async(print_status(_db_for(manifest, db), Console())))
 
 
@@ -474,12 +528,47 @@ def export(
 
 
 @main.command()
+@manifest_arg
+@db_option
+@click.option(
+    "--output",
+    "-o",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="HTML file to write (default: MANIFEST_STEM.report.html beside the run database).",
+)
+@handle_errors
+def report(manifest: Path | None, db: DbLocation | None, output: Path | None) -> None:
+    """Write one self-contained HTML page for reviewing the batch: summary numbers, failures
+    grouped by reason, and per job the input thumbnail, prompt, seed, size, the video in a
+    player, status, endpoint and timings. Opens offline; videos are linked relatively."""
+    from batch_runner.report import make_report
+
+    page = asyncio.run(make_report(_db_for(manifest, db), output))
+    Console().print(f"report written to {page}", highlight=False)
+
+
+@main.command()
 @click.argument("manifest", type=click.Path(path_type=Path))
+@click.option(
+    "--endpoint",
+    "-e",
+    "endpoints",
+    multiple=True,
+    metavar="URL",
+    help="Also check this ComfyUI server can run the workflow (repeat for several).",
+)
+@click.option(
+    "--token",
+    metavar="TOKEN",
+    envvar="BATCH_RUNNER_TOKEN",
+    show_envvar=True,
+    help="Bearer token sent to every --endpoint.",
+)
 @click.option(
     "--config",
     "config_file",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="TOML file, as for run.",
+    help="TOML file, as for run (its endpoints are checked too).",
 )
 @click.option(
     "--workflow",
@@ -487,39 +576,47 @@ def export(
     help="Custom workflow (API or UI format) the rows must fit.",
 )
 @click.option("--bind", "binds", multiple=True, metavar="FIELD=NODE.INPUT")
+@click.option("--preset", type=click.Choice(["480p", "720p"]), help="Resolution preset.")
 @workflow_options
-@click.option(
-    "--endpoint",
-    "-e",
-    "endpoints",
-    multiple=True,
-    metavar="URL",
-    help="Server whose /object_info converts UI-format workflows (nothing else is sent).",
-)
 @handle_errors
 def validate(
     manifest: Path,
+    endpoints: tuple[str, ...],
+    token: str | None,
     config_file: Path | None,
     workflow: Path | None,
     binds: tuple[str, ...],
+    preset: str | None,
     lora_high: str | None,
     lora_low: str | None,
     fast4: bool,
     object_info: Path | None,
-    endpoints: tuple[str, ...],
 ) -> None:
-    """Check MANIFEST without sending anything: every problem with file, line and column."""
-    from batch_runner.errors import ManifestError
-    from batch_runner.runner import check_manifest
+    """Check MANIFEST without sending any work: every problem with file, line and column.
+
+    With endpoints (--endpoint or the config file), also check each one: it answers, accepts
+    the token, has every node class and model file the workflows need. Exit 0 when all is
+    ready, 1 when some endpoint is not (a run leaves it out), 2 when the manifest is invalid
+    or no endpoint can run the workflows. A UI-format workflow is converted with the first
+    answering endpoint's node schemas (or --object-info).
+    """
+    from batch_runner.validate import run_validate
     from batch_runner.workflows import load_workflows
 
     settings = _workflow_settings(
-        manifest, config_file, workflow, binds, lora_high, lora_low, fast4, object_info, endpoints
+        manifest,
+        config_file,
+        workflow,
+        binds,
+        lora_high,
+        lora_low,
+        fast4,
+        object_info,
+        endpoints,
+        token=token,
+        preset=preset,
     )
-    good, problems = check_manifest(manifest, asyncio.run(load_workflows(settings)))
-    if problems:
-        raise ManifestError(problems)
-    Console().print(f"{manifest}: {good} valid row(s)", highlight=False)
+    sys.exit(run_validate(settings, asyncio.run(load_workflows(settings)), Console()))
 
 
 def _workflow_settings(
@@ -532,18 +629,21 @@ def _workflow_settings(
     fast4: bool,
     object_info: Path | None,
     endpoints: Sequence[str],
+    *,
+    token: str | None = None,
+    preset: str | None = None,
 ) -> RunSettings:
     """Settings for commands that look at workflows but run nothing."""
     return build_settings(
         manifest,
         config_file=config_file,
         endpoints=endpoints,
-        token=os.environ.get("BATCH_RUNNER_TOKEN"),
+        token=token or os.environ.get("BATCH_RUNNER_TOKEN"),
         db=None,
         output_dir=None,
         workflow=workflow,
         binds=binds,
-        preset=None,
+        preset=preset,
         max_inflight=None,
         max_attempts=None,
         skip_invalid=False,

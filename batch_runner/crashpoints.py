@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import os
 import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 
 ENV = "BATCH_RUNNER_CRASH_AT"
 
@@ -23,11 +26,24 @@ def _parse(spec: str | None) -> tuple[str, int] | None:
 
 _target = _parse(os.environ.get(ENV))
 _counts: dict[str, int] = {}
+_paused: ContextVar[bool] = ContextVar("crashpoints_paused", default=False)
+
+
+@contextmanager
+def paused() -> Iterator[None]:
+    """Read-only work before a run changes anything (the preflight) counts no crash points:
+    a kill there is a kill before the run, so the sampled points stay on the run itself.
+    Tasks started inside inherit the pause."""
+    token = _paused.set(True)
+    try:
+        yield
+    finally:
+        _paused.reset(token)
 
 
 def reached(kind: str) -> None:
     """Count one crash point of ``kind``; die here if it is the chosen one."""
-    if _target is None or _target[0] != kind:
+    if _target is None or _target[0] != kind or _paused.get():
         return
     _counts[kind] = _counts.get(kind, 0) + 1
     if _counts[kind] == _target[1]:

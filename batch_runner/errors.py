@@ -12,6 +12,7 @@
     │   ├── TransitionRejected      a state change whose precondition no longer holds
     │   └── SchemaError             the database was made by a newer batch_runner
     └── EndpointError               talking to one ComfyUI endpoint
+        ├── AccessDenied            401/403 from the endpoint (a proxy refusing the token)
         ├── TransientError          worth retrying, preferably elsewhere
         │   ├── EndpointUnavailable connection refused/reset, DNS, timeout
         │   ├── ServerError         HTTP 5xx or an answer that is not what the protocol says
@@ -32,6 +33,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 __all__ = [
+    "AccessDenied",
     "BatchRunnerError",
     "ConfigError",
     "DatabaseLocked",
@@ -139,6 +141,10 @@ class EndpointError(BatchRunnerError):
     def __init__(self, message: str | None = None, *, endpoint: str | None = None) -> None:
         self.endpoint = endpoint
         super().__init__(message)
+
+
+class AccessDenied(EndpointError):
+    """The endpoint, or a proxy in front of it, refused our token (HTTP 401 or 403)."""
 
 
 class TransientError(EndpointError):

@@ -16,7 +16,6 @@ from typing import Any
 from batch_runner.config import RunSettings
 from batch_runner.errors import (
     ConfigError,
-    InputError,
     ManifestError,
     ManifestProblem,
     WorkflowError,
@@ -26,11 +25,12 @@ from batch_runner.jobflow import JobFlow
 from batch_runner.lane import Lane
 from batch_runner.manifest import JobSpec, RowProblems, read_manifest, workflow_names
 from batch_runner.planning import Planner
+from batch_runner.preflight import usable_endpoints
 from batch_runner.scheduler import Scheduler
 from batch_runner.states import AttemptState, JobState
 from batch_runner.store import IngestReport, NewJob, Store
 from batch_runner.workflow import WorkflowTemplate
-from batch_runner.workflows import TemplateBook, as_book, check_loras, default_template
+from batch_runner.workflows import TemplateBook, as_book, default_template
 
 log = logging.getLogger(__name__)
 
@@ -229,7 +229,8 @@ async def run_batch(
         requeued = 0 if member is not None else await verify_succeeded(store, run.id)
 
         lanes = []
-        for ep in settings.endpoints:
+        # Endpoints that answer but cannot run the workflow are left out before any job starts.
+        for ep in await usable_endpoints(settings.endpoints, template):
             record = await store.ensure_endpoint(run.id, ep.url)
             if member is not None:
                 record = member.endpoint_view(record)
@@ -237,16 +238,9 @@ async def run_batch(
             stack.push_async_callback(lane.close)
             lanes.append(lane)
         answers = await asyncio.gather(*(lane.check() for lane in lanes))
-        if not any(answers):
-            details = "; ".join(f"{lane.settings.url}: {lane.last_error}" for lane in lanes)
-            raise InputError(
-                f"no endpoint answered ({details}). Check the URLs and that ComfyUI is running "
-                "there; nothing was sent"
-            )
         for lane, ok in zip(lanes, answers, strict=True):
             if not ok:
                 log.warning("%s does not answer; it joins when it does", lane.settings.url)
-        await check_loras(template, lanes)
         flow = JobFlow(store, settings, Planner(template), stopping)
         scheduler = Scheduler(
             store, run.id, lanes, flow, stopping, settings.timeouts.grace, runner_id=runner_id

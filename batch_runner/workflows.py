@@ -31,7 +31,7 @@ from batch_runner.workflow.wan22 import (
 )
 
 if TYPE_CHECKING:
-    from batch_runner.lane import Lane
+    pass
 
 log = logging.getLogger(__name__)
 
@@ -222,36 +222,3 @@ async def load_workflows(settings: RunSettings) -> TemplateBook:
     book = TemplateBook(default, _loader(settings, schemas, why_not))
     await asyncio.to_thread(book.preload, names)
     return book
-
-
-async def check_loras(book: TemplateBook, lanes: Sequence[Lane]) -> None:
-    """Before anything is sent: every LoRA file a template names is on every endpoint that
-    answers (``/models/loras``)."""
-    wanted = sorted(
-        {
-            str(node["inputs"]["lora_name"])
-            for template in book.templates()
-            for node in template.graph.values()
-            if node.get("class_type") in ("LoraLoaderModelOnly", "LoraLoader")
-            and isinstance(node.get("inputs", {}).get("lora_name"), str)
-        }
-    )
-    if not wanted:
-        return
-    problems = []
-    for lane in lanes:
-        if not lane.up.is_set():
-            continue
-        try:
-            listed = await lane.client.models("loras")
-        except EndpointError as exc:
-            log.warning("%s: cannot list its LoRAs (%s)", lane.settings.url, exc)
-            continue
-        missing = [name for name in wanted if name not in (listed or ())]
-        if missing:
-            problems.append(f"{lane.settings.url} has no LoRA {', '.join(missing)}")
-    if problems:
-        raise InputError(
-            "; ".join(problems) + " (put the files in ComfyUI's models/loras folder, or name "
-            "the ones it has with --lora-high/--lora-low); nothing was sent"
-        )

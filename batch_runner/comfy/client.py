@@ -41,6 +41,7 @@ from batch_runner.comfy.models import (
     parse_queue,
 )
 from batch_runner.errors import (
+    AccessDenied,
     EndpointUnavailable,
     OutputRejected,
     PromptLost,
@@ -115,8 +116,18 @@ class ComfyClient:
     # ---------------------------------------------------------------- endpoints
 
     async def system_stats(self) -> dict[str, Any]:
-        """``GET /system_stats``; answers as soon as the server listens: the health probe."""
-        return self._dict(await self._get_json("/system_stats"), "/system_stats")
+        """``GET /system_stats``; answers as soon as the server listens: the health probe.
+
+        401/403 raise :class:`AccessDenied`: ComfyUI has no authentication of its own, so that
+        is a proxy in front of it refusing the token (or its absence)."""
+        status, body = await self._request("GET", "/system_stats")
+        if status in (401, 403):
+            raise AccessDenied(
+                f"{self.endpoint.name} answered {status}: the token was "
+                + ("refused" if self.endpoint.token else "missing"),
+                endpoint=self.endpoint.name,
+            )
+        return self._dict(self._decode(status, body, "/system_stats"), "/system_stats")
 
     async def upload_image(self, data: bytes, filename: str) -> str:
         """Upload to the input folder without ``overwrite`` and return the ``LoadImage``

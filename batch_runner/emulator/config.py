@@ -83,6 +83,9 @@ class EmulatorConfig:
     # Model files are garbage placeholders under the right names: validation passes and the
     # first loader that runs fails, as in trace 05 (the default "loads" names only).
     placeholder_models: bool = False
+    # Behave as if behind a reverse proxy that requires `Authorization: Bearer <token>`
+    # (ComfyUI itself ignores the header, trace 13); None accepts every request.
+    require_token: str | None = None
     # Set only when the emulator is the whole process (the CLI): a crash fault then ends
     # the process with os._exit instead of stopping the in-process server.
     exit_on_crash: bool = False

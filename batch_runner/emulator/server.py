@@ -86,6 +86,16 @@ async def origin_guard(request: web.Request, handler: Handler) -> web.StreamResp
 
 
 @web.middleware
+async def token_guard(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """With ``require_token`` set, act as an authenticating reverse proxy in front of the
+    server: anything without the right bearer token is refused with 401."""
+    token = _state(request).config.require_token
+    if token is not None and request.headers.get("Authorization") != f"Bearer {token}":
+        return _empty(401)
+    return await handler(request)
+
+
+@web.middleware
 async def server_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Unexpected exceptions answer the real server's plain-text 500."""
     try:
@@ -487,7 +497,7 @@ _ROUTES: list[tuple[str, str, Handler]] = [
 
 def build_app(state: State) -> web.Application:
     app = web.Application(
-        middlewares=[origin_guard, server_errors, injected_faults],
+        middlewares=[origin_guard, token_guard, server_errors, injected_faults],
         client_max_size=state.config.max_upload_size,
     )
     app[STATE] = state

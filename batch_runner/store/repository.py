@@ -1037,6 +1037,45 @@ class Store:
                 for r in rows
             ]
 
+    async def recent_failures(self, run_id: int, limit: int = 5) -> list[Failure]:
+        """The latest failed or retry-waiting jobs, newest first (the live display)."""
+        async with self._tx() as conn:
+            rows = await conn.execute(
+                select(jobs)
+                .where(
+                    jobs.c.run_id == run_id,
+                    jobs.c.state.in_([JobState.FAILED.value, JobState.RETRY_WAIT.value]),
+                )
+                .order_by(jobs.c.updated_at.desc(), jobs.c.id.desc())
+                .limit(limit)
+            )
+            return [
+                Failure(r.key, r.line, JobState(r.state), r.error_kind, r.last_error, r.attempts)
+                for r in rows
+            ]
+
+    async def speeds(self, run_id: int, since: float) -> dict[str, tuple[int, float, float]]:
+        """Per endpoint URL: how many videos were made whose prompt finished at or after
+        ``since``, the earliest start and the latest finish among them; throughput and ETA
+        are computed from these."""
+        start = func.min(func.coalesce(attempts.c.started_at, attempts.c.submitted_at))
+        async with self._tx() as conn:
+            rows = await conn.execute(
+                select(endpoints.c.url, func.count(), start, func.max(attempts.c.finished_at))
+                .select_from(attempts.join(endpoints, attempts.c.endpoint_id == endpoints.c.id))
+                .where(
+                    endpoints.c.run_id == run_id,
+                    attempts.c.state == AttemptState.SUCCEEDED.value,
+                    attempts.c.finished_at >= since,
+                )
+                .group_by(endpoints.c.url)
+            )
+            return {
+                url: (n, float(first), float(last))
+                for url, n, first, last in rows
+                if first is not None and last is not None
+            }
+
     async def export_rows(self, run_id: int) -> AsyncIterator[dict[str, Any]]:
         """Every job with its last attempt's endpoint and prompt id, in manifest order."""
         last_line, last_id = -1, 0

@@ -7,6 +7,7 @@ import csv
 import io
 import json
 import signal
+import socket
 import sqlite3
 import urllib.request
 from pathlib import Path
@@ -20,7 +21,9 @@ from batch_runner.workflow import card_graph
 from tests.acceptance.conftest import cli, count_state, start_cli, wait_for
 from tests.helpers import make_image, write_csv
 
-COMMANDS = {"run", "status", "retry", "export", "validate", "emulate", "cancel", "workflow"}
+COMMANDS = {
+    "run", "status", "retry", "export", "validate", "emulate", "cancel", "workflow", "report",
+}
 
 
 def test_every_command_has_help() -> None:
@@ -195,3 +198,88 @@ def test_validate_reports_problems_and_counts_good_rows(tmp_path: Path) -> None:
     bad = cli("validate", "bad.csv", cwd=tmp_path)
     assert bad.returncode == 2
     assert "bad.csv:2:frames" in " ".join(bad.stderr.split())
+
+
+def test_validate_checks_every_endpoint_and_tables_what_is_missing_where(
+    tmp_path: Path, emulator_url: str
+) -> None:
+    _batch(tmp_path, 2)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        down = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    ready = cli("validate", "jobs.csv", "--endpoint", emulator_url, cwd=tmp_path)
+    assert ready.returncode == 0, ready.stderr
+    assert "1 of 1 endpoint(s) can run this workflow" in ready.stdout
+
+    partly = cli("validate", "jobs.csv", "-e", emulator_url, "-e", down, cwd=tmp_path)
+    assert partly.returncode == 1
+    assert "unreachable" in partly.stdout and "1 of 2 endpoint(s)" in partly.stdout
+
+    graph = card_graph()
+    graph["90"] = {"class_type": "FancyFrameInterpolator", "inputs": {"images": ["8", 0]}}
+    (tmp_path / "graph.json").write_text(json.dumps(graph))
+    lacking = cli(
+        "validate", "jobs.csv", "--workflow", "graph.json", "-e", emulator_url, cwd=tmp_path
+    )
+    assert lacking.returncode == 2
+    out = " ".join(lacking.stdout.split())
+    assert "what is missing where" in out and "FancyFrameInterpolator" in out
+    assert "no endpoint can run this workflow" in " ".join(lacking.stderr.split())
+    assert "Traceback" not in lacking.stderr
+
+
+def test_unreachable_endpoint_is_one_plain_message_and_exit_2(tmp_path: Path) -> None:
+    _batch(tmp_path, 1)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        down = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    result = cli("run", "jobs.csv", "--endpoint", down, cwd=tmp_path)
+    assert result.returncode == 2
+    text = " ".join(result.stderr.split())
+    assert f"{down}: unreachable" in text
+    assert "check the URLs and that ComfyUI is running there" in text
+    assert "Traceback" not in result.stderr
+
+
+def test_unwritable_output_path_is_a_plain_message(tmp_path: Path) -> None:
+    _batch(tmp_path, 1)
+    assert cli("run", "jobs.csv", "--emulate", "1", cwd=tmp_path).returncode == 0
+    result = cli("export", "jobs.csv", "-o", "no/such/dir/out.csv", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "cannot use no/such/dir/out.csv: No such file or directory" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_json_logs_are_one_object_per_line(tmp_path: Path) -> None:
+    _batch(tmp_path, 2)
+    result = cli("--json-logs", "run", "jobs.csv", "--emulate", "1", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    entries = [json.loads(line) for line in result.stderr.splitlines()]
+    assert entries and all({"time", "level", "logger", "message"} <= set(e) for e in entries)
+    bad = cli("--json-logs", "run", "missing.csv", "--emulate", "1", cwd=tmp_path)
+    assert bad.returncode == 2
+    write_csv(tmp_path / "bad.csv", [{"image": "a.png", "prompt": "x", "frames": 8}])
+    invalid = cli("--json-logs", "run", "bad.csv", "--emulate", "1", cwd=tmp_path)
+    assert invalid.returncode == 2
+    logged = [json.loads(line) for line in invalid.stderr.splitlines()]
+    (error,) = [e for e in logged if e["level"] == "error"]
+    assert "bad.csv:2:frames" in error["message"]
+
+
+def test_status_watch_follows_a_run_until_interrupted(tmp_path: Path) -> None:
+    _batch(tmp_path, 2)
+    assert cli("run", "jobs.csv", "--emulate", "1", cwd=tmp_path).returncode == 0
+    watcher = start_cli("status", "jobs.csv", "--watch", "--interval", "0.1", cwd=tmp_path)
+    assert watcher.stdout is not None
+    lines = [watcher.stdout.readline() for _ in range(2)]
+    watcher.send_signal(signal.SIGINT)
+    assert watcher.wait(timeout=30) == 0
+    assert all(line.startswith("2 done, 0 failed, 0 running, 0 pending") for line in lines)
+
+
+def test_error_text_is_shown_literally_not_as_markup(tmp_path: Path) -> None:
+    _batch(tmp_path, 1)
+    (tmp_path / "br.csv").write_text("image,prompt,frames\na.png,x,[red]boom[/red]\n")
+    result = cli("validate", "br.csv", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "'[red]boom[/red]' is not a whole number" in result.stderr

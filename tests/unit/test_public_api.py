@@ -30,6 +30,7 @@ def test_error_tree_is_pinned() -> None:
         "TransitionRejected": "StoreError",
         "SchemaError": "StoreError",
         "EndpointError": "BatchRunnerError",
+        "AccessDenied": "EndpointError",
         "TransientError": "EndpointError",
         "EndpointUnavailable": "TransientError",
         "ServerError": "TransientError",
