@@ -169,6 +169,36 @@ db_option = click.option(
 )
 
 
+def workflow_options(func: F) -> F:
+    """Options that choose and set up the built-in template or convert UI-format files."""
+    options = [
+        click.option(
+            "--lora-high",
+            metavar="FILE[:STRENGTH]",
+            help="LoRA on the built-in template's high-noise expert (as in /models/loras).",
+        ),
+        click.option(
+            "--lora-low",
+            metavar="FILE[:STRENGTH]",
+            help="LoRA on the built-in template's low-noise expert.",
+        ),
+        click.option(
+            "--fast4",
+            is_flag=True,
+            help="Built-in template in the 4-step set-up: 4 steps, cfg 1.0, experts switch "
+            "at step 2, 4-step LoRAs (default file names unless --lora-high/--lora-low).",
+        ),
+        click.option(
+            "--object-info",
+            type=click.Path(exists=True, dir_okay=False, path_type=Path),
+            help="Saved /object_info answer for converting UI-format workflows offline.",
+        ),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
 def _run_async(coro: Coroutine[Any, Any, int]) -> int:
     return asyncio.run(coro)
 
@@ -208,7 +238,7 @@ def _run_async(coro: Coroutine[Any, Any, int]) -> int:
 @click.option(
     "--workflow",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="Custom workflow in ComfyUI's API format (default: built-in Wan2.2 I2V).",
+    help="Custom workflow saved from ComfyUI, API or UI format (default: built-in Wan2.2 I2V).",
 )
 @click.option(
     "--bind",
@@ -217,6 +247,7 @@ def _run_async(coro: Coroutine[Any, Any, int]) -> int:
     metavar="FIELD=NODE.INPUT",
     help="Map a job field to a node input of --workflow, e.g. prompt=6.text.",
 )
+@workflow_options
 @click.option("--preset", type=click.Choice(["480p", "720p"]), help="Resolution preset.")
 @click.option(
     "--max-inflight",
@@ -266,6 +297,10 @@ def run(
     output_dir: Path | None,
     workflow: Path | None,
     binds: tuple[str, ...],
+    lora_high: str | None,
+    lora_low: str | None,
+    fast4: bool,
+    object_info: Path | None,
     preset: str | None,
     max_inflight: int | None,
     max_attempts: int | None,
@@ -297,6 +332,10 @@ def run(
         max_attempts=max_attempts,
         skip_invalid=skip_invalid,
         rerun_changed=rerun_changed,
+        object_info=object_info,
+        lora_high=lora_high,
+        lora_low=lora_low,
+        fast4=fast4,
     )
     settings = dataclasses.replace(
         settings,
@@ -315,9 +354,9 @@ def run(
 async def _run(settings: RunSettings, emulate: int | None) -> int:
     from dataclasses import replace
 
-    from batch_runner.runner import run_batch, template_for
+    from batch_runner.runner import run_batch
+    from batch_runner.workflows import load_workflows
 
-    template = template_for(settings)
     stopping = asyncio.Event()
     _install_signal_handlers(stopping)
     async with AsyncExitStack() as stack:
@@ -334,7 +373,9 @@ async def _run(settings: RunSettings, emulate: int | None) -> int:
                 settings, endpoints=tuple(EndpointSettings(u, None, inflight) for u in urls)
             )
             log.info("started %d emulated endpoint(s): %s", emulate, ", ".join(urls))
-        summary = await run_batch(settings, template, stopping, _progress_monitor())
+        # After the emulators start: converting a UI-format workflow may ask an endpoint.
+        templates = await load_workflows(settings)
+        summary = await run_batch(settings, templates, stopping, _progress_monitor())
     _print_summary(settings, summary)
     return summary.exit_code
 
@@ -509,21 +550,6 @@ def report(manifest: Path | None, db: DbLocation | None, output: Path | None) ->
 @main.command()
 @click.argument("manifest", type=click.Path(path_type=Path))
 @click.option(
-    "--endpoint",
-    "-e",
-    "endpoints",
-    multiple=True,
-    metavar="URL",
-    help="Also check this ComfyUI server can run the workflow (repeat for several).",
-)
-@click.option(
-    "--token",
-    metavar="TOKEN",
-    envvar="BATCH_RUNNER_TOKEN",
-    show_envvar=True,
-    help="Bearer token sent to every --endpoint.",
-)
-@click.option(
     "--config",
     "config_file",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
@@ -532,46 +558,198 @@ def report(manifest: Path | None, db: DbLocation | None, output: Path | None) ->
 @click.option(
     "--workflow",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="Custom API-format workflow the rows must fit.",
+    help="Custom workflow (API or UI format) the rows must fit.",
 )
 @click.option("--bind", "binds", multiple=True, metavar="FIELD=NODE.INPUT")
-@click.option("--preset", type=click.Choice(["480p", "720p"]), help="Resolution preset.")
+@workflow_options
+@click.option(
+    "--endpoint",
+    "-e",
+    "endpoints",
+    multiple=True,
+    metavar="URL",
+    help="Check this ComfyUI server can run the workflows (repeat for several); its "
+    "/object_info also converts UI-format workflows. No work is sent.",
+)
+@click.option(
+    "--token",
+    metavar="TOKEN",
+    envvar="BATCH_RUNNER_TOKEN",
+    show_envvar=True,
+    help="Bearer token sent to every --endpoint.",
+)
 @handle_errors
 def validate(
     manifest: Path,
-    endpoints: tuple[str, ...],
-    token: str | None,
     config_file: Path | None,
     workflow: Path | None,
     binds: tuple[str, ...],
-    preset: str | None,
+    lora_high: str | None,
+    lora_low: str | None,
+    fast4: bool,
+    object_info: Path | None,
+    endpoints: tuple[str, ...],
+    token: str | None,
 ) -> None:
     """Check MANIFEST without sending any work: every problem with file, line and column.
 
     With endpoints (--endpoint or the config file), also check each one: it answers, accepts
-    the token, has every node class and model file the workflow needs. Exit 0 when all is
+    the token, has every node class and model file the workflows need. Exit 0 when all is
     ready, 1 when some endpoint is not (a run leaves it out), 2 when the manifest is invalid
-    or no endpoint can run the workflow.
+    or no endpoint can run the workflows.
     """
-    from batch_runner.runner import template_for
     from batch_runner.validate import run_validate
+    from batch_runner.workflows import load_workflows
 
-    settings = build_settings(
+    settings = _workflow_settings(
+        manifest,
+        config_file,
+        workflow,
+        binds,
+        lora_high,
+        lora_low,
+        fast4,
+        object_info,
+        endpoints,
+        token=token,
+    )
+    sys.exit(run_validate(settings, asyncio.run(load_workflows(settings)), Console()))
+
+
+def _workflow_settings(
+    manifest: Path,
+    config_file: Path | None,
+    workflow: Path | None,
+    binds: Sequence[str],
+    lora_high: str | None,
+    lora_low: str | None,
+    fast4: bool,
+    object_info: Path | None,
+    endpoints: Sequence[str],
+    *,
+    token: str | None = None,
+) -> RunSettings:
+    """Settings for commands that look at workflows but run nothing."""
+    return build_settings(
         manifest,
         config_file=config_file,
         endpoints=endpoints,
-        token=token,
+        token=token or os.environ.get("BATCH_RUNNER_TOKEN"),
         db=None,
         output_dir=None,
         workflow=workflow,
         binds=binds,
-        preset=preset,
+        preset=None,
         max_inflight=None,
         max_attempts=None,
         skip_invalid=False,
         rerun_changed=False,
+        object_info=object_info,
+        lora_high=lora_high,
+        lora_low=lora_low,
+        fast4=fast4,
     )
-    sys.exit(run_validate(settings, template_for(settings), Console()))
+
+
+# ------------------------------------------------------------------------------------ workflow
+
+
+@main.group()
+def workflow() -> None:
+    """Convert editor-format workflows and look at what a row will send."""
+
+
+@workflow.command()
+@click.argument("ui_file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option(
+    "--output",
+    "-o",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="API-format file to write (default: standard output).",
+)
+@click.option("--endpoint", "-e", metavar="URL", help="Server whose /object_info to use.")
+@click.option(
+    "--token",
+    metavar="TOKEN",
+    envvar="BATCH_RUNNER_TOKEN",
+    show_envvar=True,
+    help="Bearer token for --endpoint.",
+)
+@click.option(
+    "--object-info",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Saved /object_info answer (instead of --endpoint).",
+)
+@handle_errors
+def convert(
+    ui_file: Path,
+    output: Path | None,
+    endpoint: str | None,
+    token: str | None,
+    object_info: Path | None,
+) -> None:
+    """Convert UI_FILE (saved from the ComfyUI editor) to API format, as the editor's
+    "Export (API)" would, using a server's node schemas."""
+    from batch_runner.config import normalise_url
+    from batch_runner.workflow_tools import convert_file
+
+    if (endpoint is None) == (object_info is None):
+        raise click.UsageError("give either --endpoint URL or --object-info FILE")
+    url = normalise_url(endpoint) if endpoint else None
+    text = asyncio.run(convert_file(ui_file, url, token, object_info))
+    if output is None:
+        click.echo(text)
+    else:
+        output.write_text(text + "\n", encoding="utf-8")
+        stderr.print(f"wrote {output}", highlight=False)
+
+
+@workflow.command()
+@click.argument("manifest", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--row", metavar="ID|LINE", help="The row's id, or its line (default: the first).")
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="TOML file, as for run.",
+)
+@click.option(
+    "--workflow",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Custom workflow (API or UI format), as for run.",
+)
+@click.option("--bind", "binds", multiple=True, metavar="FIELD=NODE.INPUT")
+@workflow_options
+@click.option(
+    "--endpoint",
+    "-e",
+    "endpoints",
+    multiple=True,
+    metavar="URL",
+    help="Server whose /object_info converts UI-format workflows (nothing else is sent).",
+)
+@handle_errors
+def show(
+    manifest: Path,
+    row: str | None,
+    config_file: Path | None,
+    workflow: Path | None,
+    binds: tuple[str, ...],
+    lora_high: str | None,
+    lora_low: str | None,
+    fast4: bool,
+    object_info: Path | None,
+    endpoints: tuple[str, ...],
+) -> None:
+    """Print the API graph one row of MANIFEST renders to, as it would be sent (the image
+    under the name it is uploaded as)."""
+    from batch_runner.workflow_tools import show_row
+    from batch_runner.workflows import load_workflows
+
+    settings = _workflow_settings(
+        manifest, config_file, workflow, binds, lora_high, lora_low, fast4, object_info, endpoints
+    )
+    click.echo(show_row(manifest, asyncio.run(load_workflows(settings)), row))
 
 
 # ------------------------------------------------------------------------------------ emulate

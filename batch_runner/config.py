@@ -79,6 +79,15 @@ class RunSettings:
     takeover_after: float = 60.0
     #: serve Prometheus metrics on this loopback port
     metrics_port: int | None = None
+    #: a saved /object_info answer, for converting UI-format workflows without a server
+    object_info: Path | None = None
+    #: ``FILE[:strength]`` LoRAs for the built-in template's high- and low-noise experts
+    lora_high: str | None = None
+    lora_low: str | None = None
+    #: the built-in template in its 4-step set-up (``wan22-fast4``)
+    fast4: bool = False
+    #: bindings per workflow named in the manifest's ``workflow`` column
+    workflow_bindings: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
 
 def default_db(manifest: Path) -> Path:
@@ -121,6 +130,11 @@ _TOP_KEYS = {
     "max_inflight",
     "silence_timeout",
     "endpoint_timeout",
+    "object_info",
+    "lora_high",
+    "lora_low",
+    "fast4",
+    "workflows",
 }
 _ENDPOINT_KEYS = {"url", "token", "token_env", "max_inflight"}
 
@@ -169,6 +183,10 @@ def build_settings(
     max_attempts: int | None,
     skip_invalid: bool,
     rerun_changed: bool,
+    object_info: Path | None = None,
+    lora_high: str | None = None,
+    lora_low: str | None = None,
+    fast4: bool = False,
 ) -> RunSettings:
     """Merge flags, environment and the TOML file into one RunSettings."""
     file_cfg = load_toml(config_file) if config_file else {}
@@ -227,6 +245,11 @@ def build_settings(
         timeouts=timeouts,
         skip_invalid=skip_invalid,
         rerun_changed=rerun_changed,
+        object_info=object_info or file_path("object_info"),
+        lora_high=lora_high or _optional_str(file_cfg, "lora_high"),
+        lora_low=lora_low or _optional_str(file_cfg, "lora_low"),
+        fast4=fast4 or file_cfg.get("fast4") is True,
+        workflow_bindings=_workflow_bindings(file_cfg.get("workflows", {}), config_file or base),
     )
 
 
@@ -239,3 +262,23 @@ def _db_from_file(file_cfg: Mapping[str, Any], base: Path) -> DbLocation | None:
 
 def _absolute(db: DbLocation) -> DbLocation:
     return db.absolute() if isinstance(db, Path) else db
+
+
+def _optional_str(file_cfg: Mapping[str, Any], key: str) -> str | None:
+    return str(file_cfg[key]) if key in file_cfg else None
+
+
+def _workflow_bindings(table: Any, source: Path) -> dict[str, Mapping[str, Any]]:
+    """``[workflows."NAME".bindings]`` tables: bindings of the workflows rows name."""
+    if not isinstance(table, dict):
+        raise ConfigError(f'{source}: workflows must be a table of [workflows."NAME"] tables')
+    out: dict[str, Mapping[str, Any]] = {}
+    for name, entry in table.items():
+        where = f'{source}: [workflows."{name}"]'
+        if not isinstance(entry, dict) or set(entry) - {"bindings"}:
+            raise ConfigError(f"{where} may only hold a bindings table")
+        bindings = entry.get("bindings", {})
+        if not isinstance(bindings, dict):
+            raise ConfigError(f'{where}.bindings must be a table of FIELD = "NODE.INPUT"')
+        out[str(name)] = bindings
+    return out

@@ -20,11 +20,14 @@ Columns (CSV header names, JSONL keys); empty cells and JSON ``null`` mean "not 
 ``steps``            positive whole number
 ``switch_step``      0 ≤ switch_step ≤ steps
 ``output``           output file stem (letters, digits, ``.``, ``_``, ``-``)
+``workflow``         ``wan22``, ``wan22-fast4`` or a workflow file (relative to the manifest);
+                     empty: the run's workflow
 ``node.<node>.<input>``  sets any node input; ``<node>`` is a node id or title
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import difflib
 import hashlib
@@ -71,6 +74,8 @@ class JobSpec:
     #: ``(node id or title, input name, value)`` from ``node.<node>.<input>`` columns, in
     #: column order. CSV values are strings (converted when rendering); JSONL keeps JSON types.
     node_inputs: tuple[tuple[str, str, object], ...] = ()
+    #: the row's workflow as written (a built-in name or a file); None: the run's own
+    workflow: str | None = None
 
     def content_hash(self) -> str:
         """Return a sha256 hex digest of everything that affects the output (not ``line``).
@@ -83,7 +88,7 @@ class JobSpec:
 
     def to_json(self) -> dict[str, object]:
         """Return a JSON-serialisable dict; ``from_json`` reads it back."""
-        return {
+        data: dict[str, object] = {
             "job_id": self.job_id,
             "line": self.line,
             "image": str(self.image),
@@ -102,6 +107,10 @@ class JobSpec:
             "output": self.output,
             "node_inputs": [list(item) for item in self.node_inputs],
         }
+        # Only when set, so rows without one keep the content hash they had before the column.
+        if self.workflow is not None:
+            data["workflow"] = self.workflow
+        return data
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> JobSpec:
@@ -131,6 +140,7 @@ class JobSpec:
             node_inputs=tuple(
                 (str(node), str(name), value) for node, name, value in data.get("node_inputs", ())
             ),
+            workflow=data.get("workflow"),
         )
 
 
@@ -153,6 +163,7 @@ MAX_STEPS: Final = 10_000
 #: WanImageToVideo accepts at most 16384 frames; the largest 4k+1 below that.
 MAX_FRAMES: Final = 16_381
 MAX_NAME_CHARS: Final = 128
+MAX_WORKFLOW_CHARS: Final = 1024
 #: Python's csv module refuses longer fields; it is a process-wide setting we leave alone.
 CSV_FIELD_LIMIT: Final = csv.field_size_limit()
 
@@ -214,6 +225,11 @@ def _check_frames(value: int) -> None:
     if (value - 1) % 4:
         low = value - (value - 1) % 4
         raise _Bad(f"frames must be 4k+1; {value} is not (nearest valid: {low} or {low + 4})")
+
+
+def _check_workflow(value: str) -> None:
+    if len(value) > MAX_WORKFLOW_CHARS:
+        raise _Bad(f"workflow is longer than {MAX_WORKFLOW_CHARS} characters")
 
 
 def _check_preset(value: str) -> None:
@@ -306,8 +322,11 @@ _CONVERTERS: Final[dict[str, tuple[Callable[[str], Any], Callable[[Any], Any]]]]
     "shift": _number(100),
     "switch_step": _whole(_check_switch),
     "output": _text(lambda v: _check_name(v, "output name")),
+    "workflow": _text(_check_workflow),
 }
 KNOWN_COLUMNS: Final = tuple(_CONVERTERS)
+#: The columns a row's derived id is made of (besides the image), in their historic order.
+_ID_COLUMNS: Final = tuple(c for c in KNOWN_COLUMNS if c not in ("id", "image", "workflow"))
 
 
 def _json_type(value: object) -> str:
@@ -441,6 +460,37 @@ def validate_manifest(
     except ManifestError as exc:
         return 0, exc.problems
     return good, problems
+
+
+def workflow_names(path: Path) -> set[str]:
+    """The distinct values of the ``workflow`` column, read quickly (no other checks).
+
+    Used to load every workflow a run needs before its rows are checked; a file that
+    cannot be read yields what was found so far (``read_manifest`` reports the problem).
+    """
+    names: set[str] = set()
+    fmt = _EXTENSIONS.get(path.suffix.lower())
+    try:
+        with _open_text(path) as handle:
+            if fmt == "csv":
+                rows = csv.reader(handle)
+                header = [c.strip() for c in next(rows, [])]
+                if "workflow" not in header:
+                    return names
+                index = header.index("workflow")
+                names.update(r[index].strip() for r in rows if len(r) > index)
+            elif fmt == "jsonl":
+                for line in handle:
+                    # Most lines of a big manifest have no workflow key: skip parsing them.
+                    if '"workflow"' in line:
+                        with contextlib.suppress(ValueError, RecursionError):
+                            record = json.loads(line)
+                            if isinstance(record, dict) and isinstance(record.get("workflow"), str):
+                                names.add(record["workflow"].strip())
+    except (OSError, csv.Error):
+        pass
+    names.discard("")
+    return names
 
 
 # ----------------------------------------------------------------------------- reading text
@@ -909,6 +959,9 @@ def _image_problem(path: Path) -> str | None:
 def _derive_id(image_key: str, values: dict[str, Any], nodes: list[tuple[str, str, object]]) -> str:
     """Id from the row's content (image path relative to the manifest, every other field),
     so reordering rows keeps every id."""
-    content = [image_key, *(values.get(name) for name in KNOWN_COLUMNS[2:]), nodes]
+    content: list[Any] = [image_key, *(values.get(name) for name in _ID_COLUMNS), nodes]
+    # Appended only when set, so rows without a workflow keep the ids they always had.
+    if "workflow" in values:
+        content.append({"workflow": values["workflow"]})
     text = json.dumps(content, ensure_ascii=False, separators=(",", ":"))
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]

@@ -11,10 +11,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from batch_runner.comfy.models import OutputFile
-from batch_runner.errors import InputError
+from batch_runner.errors import InputError, WorkflowError
 from batch_runner.manifest import JobSpec
 from batch_runner.store import AttemptRecord, JobRecord, Store
 from batch_runner.workflow import ResolvedJob, WorkflowTemplate, probe_image_size, render, resolve
+from batch_runner.workflows import TemplateBook
 
 if TYPE_CHECKING:
     from batch_runner.lane import Lane
@@ -57,6 +58,16 @@ def output_stem(job_key: str, requested: str | None) -> str:
     return f"{slug}-{hashlib.sha256(job_key.encode()).hexdigest()[:10]}"
 
 
+def upload_name(info: ImageInfo) -> str:
+    """The name an input image is uploaded under: its content, so re-uploads dedupe."""
+    return f"br_{info.sha256[:24]}{info.suffix}"
+
+
+def image_info(path: Path) -> ImageInfo:
+    """Hash, size (after EXIF orientation) and file suffix of an input image."""
+    return _image_info(path)
+
+
 def _image_info(path: Path) -> ImageInfo:
     digest = hashlib.sha256()
     with path.open("rb") as handle:
@@ -66,8 +77,10 @@ def _image_info(path: Path) -> ImageInfo:
 
 
 class Planner:
-    def __init__(self, template: WorkflowTemplate) -> None:
-        self.template = template
+    def __init__(self, templates: WorkflowTemplate | TemplateBook) -> None:
+        # Each row renders with its own workflow's template (the run's, unless it names one).
+        self.book = templates if isinstance(templates, TemplateBook) else TemplateBook(templates)
+        self.template = self.book.default
         self._images: OrderedDict[tuple[str, int, int], ImageInfo] = OrderedDict()
 
     async def image_info(self, path: Path) -> ImageInfo:
@@ -92,17 +105,18 @@ class Planner:
 
     async def prepare(self, job: JobRecord, lane: Lane, store: Store) -> Prepared:
         spec = JobSpec.from_json(job.spec)
+        template = self.book.for_spec(spec)
         info = await self.image_info(spec.image)
-        resolved = resolve(spec, info.size, self.template.defaults)
+        resolved = resolve(spec, info.size, template.defaults)
         endpoint_id = lane.record.id
         name = await lane.upload(
             read=lambda: asyncio.to_thread(spec.image.read_bytes),
             sha256=info.sha256,
-            filename=f"br_{info.sha256[:24]}{info.suffix}",
+            filename=upload_name(info),
             known=lambda: store.upload_name(endpoint_id, info.sha256),
             remember=lambda n: store.record_upload(endpoint_id, info.sha256, n),
         )
-        graph = render(self.template, resolved, name)
+        graph = render(template, resolved, name)
         return self._prepared(job, graph, _resolved_json(resolved), spec.output)
 
     def prepared_from(self, job: JobRecord, attempt: AttemptRecord) -> Prepared:
@@ -112,13 +126,19 @@ class Planner:
     def _prepared(
         self, job: JobRecord, graph: dict[str, Any], resolved: dict[str, Any], output: Any
     ) -> Prepared:
-        frames = resolved.get("frames") if self.template.frames_bound else None
+        try:
+            template: WorkflowTemplate | None = self.book.get(job.spec.get("workflow"))
+        except WorkflowError:
+            # Resuming after the row's workflow file went away: the stored graph still runs;
+            # its video is then taken from any node and its length is not checked.
+            template = None
+        frames = resolved.get("frames") if template and template.frames_bound else None
         return Prepared(
             graph=graph,
             resolved=resolved,
             expected_frames=int(frames) if frames is not None else None,
             output_stem=output_stem(job.key, str(output) if output else None),
-            output_nodes=tuple(self.template.output_node_ids),
+            output_nodes=tuple(template.output_node_ids) if template else (),
         )
 
 

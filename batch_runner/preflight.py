@@ -121,11 +121,19 @@ class EndpointCheck:
         return "; ".join(parts)
 
 
-def requirements(template: WorkflowTemplate) -> Requirements:
-    """The node classes and model files of ``template``'s graph (run-wide settings applied)."""
-    overrides = {(ref, name): value for ref, name, value in template.defaults.node_inputs}
+def requirements(templates: WorkflowTemplate | Iterable[WorkflowTemplate]) -> Requirements:
+    """The node classes and model files of the templates' graphs (run-wide settings applied)."""
+    if isinstance(templates, WorkflowTemplate):
+        templates = [templates]
     classes: set[str] = set()
     models: set[ModelFile] = set()
+    for template in templates:
+        _collect(template, classes, models)
+    return Requirements(tuple(sorted(classes)), tuple(sorted(models)))
+
+
+def _collect(template: WorkflowTemplate, classes: set[str], models: set[ModelFile]) -> None:
+    overrides = {(ref, name): value for ref, name, value in template.defaults.node_inputs}
     for node_id, node in template.graph.items():
         class_type = str(node.get("class_type", ""))
         classes.add(class_type)
@@ -136,7 +144,6 @@ def requirements(template: WorkflowTemplate) -> Requirements:
             folder = MODEL_FOLDERS.get((class_type, input_name))
             if folder is not None or value.lower().endswith(MODEL_SUFFIXES):
                 models.add(ModelFile(value, folder, node_id, class_type, input_name))
-    return Requirements(tuple(sorted(classes)), tuple(sorted(models)))
 
 
 def _options(schema: Mapping[str, Any], input_name: str) -> list[str] | None:
@@ -217,10 +224,11 @@ def _has_model(
 
 
 async def check_endpoints(
-    endpoints: Sequence[EndpointSettings], template: WorkflowTemplate
+    endpoints: Sequence[EndpointSettings],
+    templates: WorkflowTemplate | Iterable[WorkflowTemplate],
 ) -> list[EndpointCheck]:
-    """Check every endpoint at once; results in the order given."""
-    needs = requirements(template)
+    """Check every endpoint at once against every template; results in the order given."""
+    needs = requirements(templates)
     with crashpoints.paused():
         return list(await asyncio.gather(*(check_endpoint(ep, needs) for ep in endpoints)))
 
@@ -255,7 +263,8 @@ def refusal(checks: Iterable[EndpointCheck]) -> str:
 
 
 async def usable_endpoints(
-    endpoints: Sequence[EndpointSettings], template: WorkflowTemplate
+    endpoints: Sequence[EndpointSettings],
+    templates: WorkflowTemplate | Iterable[WorkflowTemplate],
 ) -> list[EndpointSettings]:
     """The endpoints a run should use: all but those shown unable to run the workflow.
 
@@ -264,7 +273,7 @@ async def usable_endpoints(
     whose answers were too flaky to check. Raises :class:`PreflightFailed` when no endpoint
     is left, or none of those left answered at all.
     """
-    checks = await check_endpoints(endpoints, template)
+    checks = await check_endpoints(endpoints, templates)
     keep = [(ep, c) for ep, c in zip(endpoints, checks, strict=True) if not c.unable]
     if not any(c.reachable for _, c in keep):
         raise PreflightFailed(refusal(checks))

@@ -14,22 +14,23 @@ from pathlib import Path
 from typing import Any
 
 from batch_runner.config import RunSettings
-from batch_runner.errors import ConfigError, ManifestError, ManifestProblem
+from batch_runner.errors import (
+    ConfigError,
+    ManifestError,
+    ManifestProblem,
+    WorkflowError,
+)
 from batch_runner.fleet import FleetMember, default_name, run_alongside
 from batch_runner.jobflow import JobFlow
 from batch_runner.lane import Lane
-from batch_runner.manifest import JobSpec, RowProblems, read_manifest
+from batch_runner.manifest import JobSpec, RowProblems, read_manifest, workflow_names
 from batch_runner.planning import Planner
 from batch_runner.preflight import usable_endpoints
 from batch_runner.scheduler import Scheduler
 from batch_runner.states import AttemptState, JobState
 from batch_runner.store import IngestReport, NewJob, Store
-from batch_runner.workflow import (
-    WorkflowTemplate,
-    custom_template,
-    load_api_workflow,
-    wan22_template,
-)
+from batch_runner.workflow import WorkflowTemplate
+from batch_runner.workflows import TemplateBook, as_book, check_loras, default_template
 
 log = logging.getLogger(__name__)
 
@@ -61,18 +62,9 @@ class RunSummary:
 
 
 def template_for(settings: RunSettings) -> WorkflowTemplate:
-    """The built-in Wan2.2 template, or the user's API-format workflow with its bindings."""
-    if settings.workflow is not None:
-        graph = load_api_workflow(settings.workflow)
-        binds = [f"{name}={target}" for name, target in settings.bindings.items()]
-        template = custom_template(graph, binds, name=settings.workflow.name)
-    else:
-        if settings.bindings:
-            raise ConfigError("bindings apply to a custom --workflow only")
-        template = wan22_template()
-    if settings.preset is not None:
-        template = template.with_defaults(preset=settings.preset)
-    return template
+    """The built-in Wan2.2 template, or the user's workflow with its bindings (rows without
+    a ``workflow`` column use it; see ``workflows.load_workflows`` for the rest)."""
+    return default_template(settings)
 
 
 def manifest_stamp(path: Path) -> str:
@@ -80,11 +72,17 @@ def manifest_stamp(path: Path) -> str:
     return f"{stat.st_size}:{stat.st_mtime_ns}"
 
 
-def checked_rows(path: Path, template: WorkflowTemplate) -> Iterator[JobSpec | RowProblems]:
+def checked_rows(
+    path: Path, templates: WorkflowTemplate | TemplateBook
+) -> Iterator[JobSpec | RowProblems]:
     """The manifest's rows, each also checked against the workflow it will render into."""
+    book = templates if isinstance(templates, TemplateBook) else TemplateBook(templates)
     for item in read_manifest(path):
         if isinstance(item, JobSpec):
-            issues = template.check_spec(item)
+            try:
+                issues = book.for_spec(item).check_spec(item)
+            except WorkflowError as exc:
+                issues = [exc.message]
             if issues:
                 problems = [ManifestProblem(str(path), item.line, None, i) for i in issues]
                 yield RowProblems(item.line, problems, item.job_id)
@@ -92,7 +90,9 @@ def checked_rows(path: Path, template: WorkflowTemplate) -> Iterator[JobSpec | R
         yield item
 
 
-def check_manifest(path: Path, template: WorkflowTemplate) -> tuple[int, list[ManifestProblem]]:
+def check_manifest(
+    path: Path, template: WorkflowTemplate | TemplateBook
+) -> tuple[int, list[ManifestProblem]]:
     """Read the whole manifest once; every problem is collected, nothing is sent."""
     good = 0
     problems: list[ManifestProblem] = []
@@ -104,7 +104,7 @@ def check_manifest(path: Path, template: WorkflowTemplate) -> tuple[int, list[Ma
     return good, problems
 
 
-def _rows(path: Path, template: WorkflowTemplate) -> Iterator[NewJob]:
+def _rows(path: Path, template: TemplateBook) -> Iterator[NewJob]:
     for item in checked_rows(path, template):
         if isinstance(item, JobSpec):
             yield NewJob(item.job_id, item.line, item.to_json(), item.content_hash())
@@ -116,11 +116,14 @@ def _rows(path: Path, template: WorkflowTemplate) -> Iterator[NewJob]:
 
 
 async def ingest(
-    store: Store, run_id: int, settings: RunSettings, template: WorkflowTemplate
+    store: Store, run_id: int, settings: RunSettings, templates: WorkflowTemplate | TemplateBook
 ) -> tuple[IngestReport, list[ManifestProblem]]:
     """Validate then take in the manifest, unless it is unchanged since the last full ingest."""
+    template = as_book(templates, settings)
     run = await store.only_run()
     stamp = await asyncio.to_thread(manifest_stamp, settings.manifest)
+    # Every workflow the rows name is loaded first, so the fingerprint covers them all.
+    await asyncio.to_thread(template.preload, workflow_names(settings.manifest))
     fingerprint = template.fingerprint()
     unchanged = (
         run is not None and run.manifest_stamp == stamp and run.workflow_fingerprint == fingerprint
@@ -195,10 +198,11 @@ async def _serve_metrics(
 
 async def run_batch(
     settings: RunSettings,
-    template: WorkflowTemplate,
+    templates: WorkflowTemplate | TemplateBook,
     stopping: asyncio.Event,
     monitor: Monitor | None = None,
 ) -> RunSummary:
+    template = as_book(templates, settings)
     settings.output_dir.mkdir(parents=True, exist_ok=True)
     async with AsyncExitStack() as stack:
         store = await stack.enter_async_context(Store.open(settings.db))
@@ -226,7 +230,7 @@ async def run_batch(
 
         lanes = []
         # Endpoints that answer but cannot run the workflow are left out before any job starts.
-        for ep in await usable_endpoints(settings.endpoints, template):
+        for ep in await usable_endpoints(settings.endpoints, template.templates()):
             record = await store.ensure_endpoint(run.id, ep.url)
             if member is not None:
                 record = member.endpoint_view(record)
@@ -237,6 +241,7 @@ async def run_batch(
         for lane, ok in zip(lanes, answers, strict=True):
             if not ok:
                 log.warning("%s does not answer; it joins when it does", lane.settings.url)
+        await check_loras(template, lanes)
         flow = JobFlow(store, settings, Planner(template), stopping)
         scheduler = Scheduler(
             store, run.id, lanes, flow, stopping, settings.timeouts.grace, runner_id=runner_id

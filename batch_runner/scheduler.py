@@ -120,7 +120,8 @@ class Scheduler:
             self._wake.notify_all()
 
     async def _slot(self, lane: Lane) -> None:
-        adopted = self._adopted.get(lane.record.id, deque())
+        # One queue per endpoint, shared by its slots and filled while they run (takeover).
+        adopted = self._adopted.setdefault(lane.record.id, deque())
         # Messages of a prompt can arrive within milliseconds of submitting it: give the
         # socket a moment to open first (reconciliation covers what it still misses).
         with contextlib.suppress(TimeoutError):

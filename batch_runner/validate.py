@@ -11,7 +11,7 @@ from rich.table import Table
 from batch_runner.config import RunSettings
 from batch_runner.errors import ManifestError
 from batch_runner.preflight import EndpointCheck, PreflightFailed, check_endpoints
-from batch_runner.workflow import WorkflowTemplate
+from batch_runner.workflows import TemplateBook
 
 EXIT_OK, EXIT_SOME_NOT_READY = 0, 1
 
@@ -67,7 +67,7 @@ def print_checks(checks: list[EndpointCheck], console: Console) -> None:
     console.print(f"{ready} of {len(checks)} endpoint(s) can run this workflow", highlight=False)
 
 
-def run_validate(settings: RunSettings, template: WorkflowTemplate, console: Console) -> int:
+def run_validate(settings: RunSettings, book: TemplateBook, console: Console) -> int:
     """The whole command: the manifest (every problem listed), then each endpoint.
 
     Returns 0 when everything is ready, 1 when some endpoint cannot run the workflow (a run
@@ -75,9 +75,10 @@ def run_validate(settings: RunSettings, template: WorkflowTemplate, console: Con
     """
     from batch_runner.runner import check_manifest
 
-    good, problems = check_manifest(settings.manifest, template)
+    good, problems = check_manifest(settings.manifest, book)
     console.print(f"{settings.manifest}: {good} valid row(s)", highlight=False)
-    checks = asyncio.run(check_endpoints(settings.endpoints, template))
+    # After the manifest check: the book now holds every workflow the rows name.
+    checks = asyncio.run(check_endpoints(settings.endpoints, book.templates()))
     if checks:
         print_checks(checks, console)
     if problems:

@@ -249,6 +249,8 @@ NODES: Mapping[str, NodeFn] = {
     "VAELoader": _loader("VAE"),
     "CLIPTextEncode": _handle("Conditioning"),
     "ModelSamplingSD3": model_passthrough,
+    # A LoRA changes the weights, not the graph's shape: the emulated model passes through.
+    "LoraLoaderModelOnly": model_passthrough,
     "WanImageToVideo": wan_image_to_video,
     "KSamplerAdvanced": k_sampler_advanced,
     "VAEDecode": vae_decode,

@@ -23,6 +23,7 @@ MODEL_INPUTS: Mapping[tuple[str, str], str] = {
     ("UNETLoader", "unet_name"): "diffusion_models",
     ("CLIPLoader", "clip_name"): "text_encoders",
     ("VAELoader", "vae_name"): "vae",
+    ("LoraLoaderModelOnly", "lora_name"): "loras",
 }
 
 # /models lists these folders, in the real server's order.

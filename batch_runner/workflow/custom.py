@@ -1,4 +1,4 @@
-"""Users' own workflows: API-format JSON exported from ComfyUI, plus bindings."""
+"""Users' own workflows: JSON saved from ComfyUI (API or UI format), plus bindings."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from batch_runner.workflow.bindings import (
 from batch_runner.workflow.graph import Graph, NodeInput
 from batch_runner.workflow.switch import I2V_BOUNDARY, switch_step
 from batch_runner.workflow.template import FIELDS, TemplateDefaults, WorkflowTemplate
+from batch_runner.workflow.ui import convert_ui_workflow, is_ui_workflow
 
 #: More than one candidate for these is a question only the user can answer.
 _SINGLE = ("image", "prompt", "negative_prompt")
@@ -25,14 +26,40 @@ _SINGLE = ("image", "prompt", "negative_prompt")
 
 def load_api_workflow(path: Path) -> Graph:
     """Read an API-format workflow file; raise ``WorkflowError`` saying what is wrong."""
+    data = read_json_file(path)
+    check_api_graph(data, str(path))
+    graph: Graph = data
+    return graph
+
+
+def load_workflow(
+    path: Path, schemas: Mapping[str, Any] | None, why_no_schemas: str | None = None
+) -> Graph:
+    """Read a workflow file in API or UI format; a UI-format one is converted with
+    ``schemas`` (a server's ``/object_info``), which it cannot do without (``why_no_schemas``
+    then says why there are none)."""
+    data = read_json_file(path)
+    if is_ui_workflow(data):
+        if schemas is None:
+            raise WorkflowError(
+                f"{path}: this workflow is in ComfyUI's UI format; converting it needs a "
+                "server's node schemas: "
+                + (why_no_schemas or "give --endpoint URL or --object-info FILE")
+            )
+        return convert_ui_workflow(data, schemas, str(path))
+    check_api_graph(data, str(path))
+    graph: Graph = data
+    return graph
+
+
+def read_json_file(path: Path, what: str = "workflow file") -> Any:
+    """Parse a JSON file; ``WorkflowError`` with file, line and column when it cannot."""
     try:
         text = path.read_text(encoding="utf-8-sig")
     except FileNotFoundError:
-        raise WorkflowError(f"{path}: workflow file not found") from None
+        raise WorkflowError(f"{path}: {what} not found") from None
     except UnicodeDecodeError:
-        raise WorkflowError(
-            f"{path}: not UTF-8 text; export the workflow from ComfyUI again"
-        ) from None
+        raise WorkflowError(f"{path}: not UTF-8 text; save it from ComfyUI again") from None
     except OSError as exc:
         raise WorkflowError(f"{path}: cannot be read: {exc.strerror}") from None
     try:
@@ -41,9 +68,7 @@ def load_api_workflow(path: Path) -> Graph:
         raise WorkflowError(f"{path}:{exc.lineno}:{exc.colno}: not valid JSON: {exc.msg}") from None
     except RecursionError:
         raise WorkflowError(f"{path}: JSON nested too deeply") from None
-    check_api_graph(data, str(path))
-    graph: Graph = data
-    return graph
+    return data
 
 
 def check_api_graph(data: object, source: str) -> None:

@@ -8,13 +8,20 @@ errors read the same as for users of the card.
 from __future__ import annotations
 
 import copy
+import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any
 
+from batch_runner.errors import WorkflowError
 from batch_runner.workflow.graph import Graph, NodeInput
 from batch_runner.workflow.template import TemplateDefaults, WorkflowTemplate
 
 NAME = "wan2.2-i2v-a14b"
+#: Names a manifest's ``workflow`` column may use for the built-in templates.
+WAN22 = "wan22"
+WAN22_FAST4 = "wan22-fast4"
+BUILT_IN_NAMES = (WAN22, WAN22_FAST4)
 
 #: Wan2.2's own default negative prompt, used verbatim: the model was tuned with it.
 WAN_NEGATIVE_PROMPT = (
@@ -35,6 +42,47 @@ WAN22_DEFAULTS = TemplateDefaults(
     shift=8.0,
     negative_prompt=WAN_NEGATIVE_PROMPT,
 )
+
+
+#: The widely used 4-step setup: a step-distilled LoRA on each expert, 4 steps at cfg 1.0
+#: and shift 5, which puts the expert switch at step 2 (computed, so it follows other
+#: steps/shift values).
+FAST4_DEFAULTS = dataclasses.replace(WAN22_DEFAULTS, steps=4, cfg=1.0, shift=5.0)
+
+
+@dataclass(frozen=True, slots=True)
+class Lora:
+    """A LoRA file as the server lists it (``/models/loras``) and its model strength."""
+
+    name: str
+    strength: float = 1.0
+
+
+#: The 4-step distilled LoRAs under the names ComfyUI's own Wan2.2 workflows use.
+FAST4_LORAS = (
+    Lora("wan2.2_i2v_lightx2v_4steps_lora_v1_high_noise.safetensors"),
+    Lora("wan2.2_i2v_lightx2v_4steps_lora_v1_low_noise.safetensors"),
+)
+#: Node ids of the LoRA loaders added in front of each expert's ModelSamplingSD3.
+LORA_HIGH_NODE, LORA_LOW_NODE = "64", "65"
+
+
+def parse_lora(text: str) -> Lora:
+    """Read ``FILE[:strength]``: ``wan_high.safetensors:0.8``; the strength defaults to 1."""
+    name, colon, tail = text.strip().rpartition(":")
+    if colon:
+        try:
+            strength = float(tail)
+        except ValueError:
+            name, strength = text.strip(), 1.0
+        else:
+            if not math.isfinite(strength):
+                raise WorkflowError(f"LoRA {text!r}: the strength must be a finite number")
+    else:
+        name, strength = tail, 1.0
+    if not name:
+        raise WorkflowError(f"LoRA {text!r} must look like FILE[:strength]")
+    return Lora(name, strength)
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,13 +221,53 @@ def card_graph(models: WanModels | None = None) -> Graph:
 
 
 def wan22_template(
-    models: WanModels | None = None, defaults: TemplateDefaults = WAN22_DEFAULTS
+    models: WanModels | None = None,
+    defaults: TemplateDefaults = WAN22_DEFAULTS,
+    *,
+    lora_high: Lora | None = None,
+    lora_low: Lora | None = None,
 ) -> WorkflowTemplate:
-    """Return the built-in Wan2.2 I2V A14B template; its output node is ``61`` (SaveVideo)."""
+    """Return the built-in Wan2.2 I2V A14B template; its output node is ``61`` (SaveVideo).
+
+    A LoRA for an expert is a LoraLoaderModelOnly (node ``64`` high, ``65`` low) between
+    that expert's UNETLoader and its ModelSamplingSD3.
+    """
+    graph = card_graph(models)
+    for node_id, lora, loader, sampling in (
+        (LORA_HIGH_NODE, lora_high, "37", "54"),
+        (LORA_LOW_NODE, lora_low, "56", "55"),
+    ):
+        if lora is not None:
+            graph[node_id] = {
+                "class_type": "LoraLoaderModelOnly",
+                "inputs": {
+                    "lora_name": lora.name,
+                    "strength_model": lora.strength,
+                    "model": _link(loader),
+                },
+            }
+            graph[sampling]["inputs"]["model"] = _link(node_id)
     return WorkflowTemplate(
         name=NAME,
-        graph=card_graph(models),
+        graph=graph,
         bindings=dict(_BINDINGS),
         output_node_ids=("61",),
         defaults=defaults,
     )
+
+
+def wan22_fast4_template(
+    models: WanModels | None = None,
+    *,
+    lora_high: Lora | None = None,
+    lora_low: Lora | None = None,
+) -> WorkflowTemplate:
+    """The built-in template set up for 4 steps (``FAST4_DEFAULTS``); LoRAs not given are
+    the distilled ones of ``FAST4_LORAS``."""
+    template = wan22_template(
+        models,
+        FAST4_DEFAULTS,
+        lora_high=lora_high or FAST4_LORAS[0],
+        lora_low=lora_low or FAST4_LORAS[1],
+    )
+    return dataclasses.replace(template, name=f"{NAME}-fast4")

@@ -21,7 +21,17 @@ from batch_runner.workflow import card_graph
 from tests.acceptance.conftest import cli, count_state, start_cli, wait_for
 from tests.helpers import make_image, write_csv
 
-COMMANDS = {"run", "status", "retry", "export", "validate", "emulate", "cancel", "report"}
+COMMANDS = {
+    "run",
+    "status",
+    "retry",
+    "export",
+    "validate",
+    "emulate",
+    "cancel",
+    "workflow",
+    "report",
+}
 
 
 def test_every_command_has_help() -> None:
@@ -32,6 +42,8 @@ def test_every_command_has_help() -> None:
         result = runner.invoke(main, [name, "--help"])
         assert result.exit_code == 0, name
         assert "Usage:" in result.output
+    for sub in ("convert", "show"):
+        assert runner.invoke(main, ["workflow", sub, "--help"]).exit_code == 0, sub
 
 
 def _batch(tmp_path: Path, n: int, **extra: object) -> None:

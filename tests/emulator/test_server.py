@@ -24,6 +24,7 @@ DYNAMIC = {
     ("UNETLoader", "unet_name"),
     ("CLIPLoader", "clip_name"),
     ("VAELoader", "vae_name"),
+    ("LoraLoaderModelOnly", "lora_name"),
 }
 
 

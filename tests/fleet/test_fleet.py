@@ -41,7 +41,12 @@ def runner(
 
 
 def finish(proc: subprocess.Popen[str], timeout: float = 90) -> tuple[int, str]:
-    _out, err = proc.communicate(timeout=timeout)
+    try:
+        _out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        _out, err = proc.communicate()
+        raise AssertionError(f"runner did not finish in {timeout} s:\n{err[-4000:]}") from None
     return proc.returncode, err
 
 
