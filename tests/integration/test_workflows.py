@@ -145,7 +145,8 @@ async def test_missing_lora_stops_the_run_before_anything_is_sent(tmp_path: Path
     path = write_csv(tmp_path / "jobs.csv", [{"id": "a", "image": "a.png", "prompt": "cat"}])
     async with Emulator(WITH_LORAS) as emulator:
         settings = settings_for(path, [emulator.url], lora_high="mine.safetensors:0.7")
-        with pytest.raises(InputError, match=r"has no LoRA mine\.safetensors"):
+        # The preflight finds it, as it finds every model file the workflows name.
+        with pytest.raises(InputError, match=r"lacks model file\(s\) loras/mine\.safetensors"):
             await run_batch(settings, await load_workflows(settings), asyncio.Event())
         # The low-noise expert's LoRA alone, present on the server: the run goes through.
         settings = replace(settings, lora_high=None, lora_low=f"{FAST4_LORAS[1].name}:0.5")
