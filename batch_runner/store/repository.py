@@ -508,11 +508,7 @@ class Store:
                     (
                         await conn.execute(
                             select(jobs.c.id)
-                            .where(
-                                jobs.c.run_id == run_id,
-                                jobs.c.state == JobState.PENDING.value,
-                                jobs.c.in_manifest.is_(True),
-                            )
+                            .where(_pending(run_id))
                             .order_by(jobs.c.id)
                             .limit(limit - len(ids))
                             .with_for_update(skip_locked=True)
@@ -573,15 +569,7 @@ class Store:
         now = _now()
         async with self._tx() as conn:
             pending = (
-                await conn.execute(
-                    select(jobs.c.id)
-                    .where(
-                        jobs.c.run_id == run_id,
-                        jobs.c.state == JobState.PENDING.value,
-                        jobs.c.in_manifest.is_(True),
-                    )
-                    .limit(1)
-                )
+                await conn.execute(select(jobs.c.id).where(_pending(run_id)).limit(1))
             ).first()
             next_due = (
                 await conn.execute(
@@ -1325,3 +1313,12 @@ async def _latest_attempt(conn: AsyncConnection, job_id: int) -> AttemptRecord:
         )
     ).one()
     return AttemptRecord.from_row(row)
+
+
+def _pending(run_id: int) -> ColumnElement[bool]:
+    """Jobs of the run waiting for a first claim (rows removed from the manifest excluded)."""
+    return and_(
+        jobs.c.run_id == run_id,
+        jobs.c.state == JobState.PENDING.value,
+        jobs.c.in_manifest.is_(True),
+    )
