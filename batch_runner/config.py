@@ -171,24 +171,24 @@ def endpoints_from_toml(
 def build_settings(
     manifest: Path,
     *,
-    config_file: Path | None,
-    endpoints: Sequence[str],
-    token: str | None,
-    db: DbLocation | None,
-    output_dir: Path | None,
-    workflow: Path | None,
-    binds: Sequence[str],
-    preset: str | None,
-    max_inflight: int | None,
-    max_attempts: int | None,
-    skip_invalid: bool,
-    rerun_changed: bool,
+    config_file: Path | None = None,
+    endpoints: Sequence[str] = (),
+    token: str | None = None,
+    db: DbLocation | None = None,
+    output_dir: Path | None = None,
+    workflow: Path | None = None,
+    binds: Sequence[str] = (),
+    preset: str | None = None,
+    max_inflight: int | None = None,
+    max_attempts: int | None = None,
+    skip_invalid: bool = False,
+    rerun_changed: bool = False,
     object_info: Path | None = None,
     lora_high: str | None = None,
     lora_low: str | None = None,
     fast4: bool = False,
 ) -> RunSettings:
-    """Merge flags, environment and the TOML file into one RunSettings."""
+    """Merge flags, environment and the TOML file into one RunSettings (unset: not given)."""
     file_cfg = load_toml(config_file) if config_file else {}
     unknown = set(file_cfg) - _TOP_KEYS
     if unknown:

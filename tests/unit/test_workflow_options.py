@@ -109,22 +109,7 @@ def test_config_reads_workflow_bindings_loras_and_fast4(tmp_path: Path) -> None:
         'lora_high = "h.safetensors:0.5"\nfast4 = true\nobject_info = "info.json"\n'
         '[workflows."flows/a.json".bindings]\nprompt = "6.text"\n'
     )
-    settings = build_settings(
-        tmp_path / "m.csv",
-        config_file=config,
-        endpoints=(),
-        token=None,
-        db=None,
-        output_dir=None,
-        workflow=None,
-        binds=(),
-        preset=None,
-        max_inflight=None,
-        max_attempts=None,
-        skip_invalid=False,
-        rerun_changed=False,
-        lora_low="l.safetensors",
-    )
+    settings = build_settings(tmp_path / "m.csv", config_file=config, lora_low="l.safetensors")
     assert (settings.lora_high, settings.lora_low, settings.fast4) == (
         "h.safetensors:0.5", "l.safetensors", True,
     )  # fmt: skip
@@ -132,18 +117,4 @@ def test_config_reads_workflow_bindings_loras_and_fast4(tmp_path: Path) -> None:
     assert settings.workflow_bindings == {"flows/a.json": {"prompt": "6.text"}}
     config.write_text('[workflows."a.json"]\nbinds = {}\n')
     with pytest.raises(ConfigError, match="may only hold a bindings table"):
-        build_settings(
-            tmp_path / "m.csv",
-            config_file=config,
-            endpoints=(),
-            token=None,
-            db=None,
-            output_dir=None,
-            workflow=None,
-            binds=(),
-            preset=None,
-            max_inflight=None,
-            max_attempts=None,
-            skip_invalid=False,
-            rerun_changed=False,
-        )
+        build_settings(tmp_path / "m.csv", config_file=config)
