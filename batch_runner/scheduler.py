@@ -13,8 +13,9 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from batch_runner import clock
 from batch_runner.jobflow import JobFlow
@@ -46,6 +47,9 @@ class Scheduler:
     runner_id: int | None = None
     #: attempts adopted from another runner: their messages went to that runner's socket
     _foreign: set[int] = field(default_factory=set)
+    #: work next to the slots that may still make jobs claimable (the check of finished
+    #: outputs): the run does not end while any of it is running
+    _alongside: list[asyncio.Task[None]] = field(default_factory=list)
 
     def adopt(
         self, in_flight: Sequence[tuple[JobRecord, AttemptRecord]]
@@ -70,8 +74,12 @@ class Scheduler:
         self._foreign.update(attempt.id for _job, attempt in taken_over)
         await self.nudge()
 
-    async def run(self) -> None:
-        """Work until no job is left to claim and nothing is in flight, or until stopped."""
+    async def run(self, alongside: Sequence[Coroutine[Any, Any, None]] = ()) -> None:
+        """Work until no job is left to claim and nothing is in flight, or until stopped.
+
+        ``alongside`` runs next to the slots and may requeue jobs (calling :meth:`nudge`);
+        the run ends only after it is done, and a stop cancels it.
+        """
         listeners = [
             asyncio.create_task(lane.listen(), name=f"{lane.name}:ws") for lane in self.lanes
         ]
@@ -80,18 +88,25 @@ class Scheduler:
             for lane in self.lanes
             for n in range(lane.settings.max_inflight)
         ]
+        self._alongside = [asyncio.create_task(work, name="alongside") for work in alongside]
         watchdog = asyncio.create_task(self._on_stop(slots), name="stop-watch")
         try:
-            # A slot that fails is a bug: stop the run with it rather than limp on. Slots
-            # cancelled at the end of the grace period are expected.
-            finished, _ = await asyncio.wait(slots, return_when=asyncio.FIRST_EXCEPTION)
-            for task in finished:
-                if not task.cancelled() and task.exception() is not None:
-                    raise task.exception()  # type: ignore[misc]
+            # A slot or side task that fails is a bug: stop the run with it rather than limp
+            # on. Slots cancelled at the end of the grace period are expected.
+            waiting: set[asyncio.Task[None]] = {*slots, *self._alongside}
+            while not all(slot.done() for slot in slots):
+                finished, waiting = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+                for task in finished:
+                    if not task.cancelled() and task.exception() is not None:
+                        raise task.exception()  # type: ignore[misc]
+                if finished - set(slots):
+                    await self.nudge()  # idle slots may be waiting only for that to end
         finally:
-            for task in [*slots, *listeners, watchdog]:
+            for task in [*slots, *listeners, *self._alongside, watchdog]:
                 task.cancel()
-            await asyncio.gather(*slots, *listeners, watchdog, return_exceptions=True)
+            await asyncio.gather(
+                *slots, *listeners, *self._alongside, watchdog, return_exceptions=True
+            )
 
     async def _on_stop(self, slots: Sequence[asyncio.Task[None]]) -> None:
         """After a stop request: claim nothing more, say what we wait for, and cut the wait
@@ -156,6 +171,7 @@ class Scheduler:
                 and next_due is None
                 and self.busy == 0
                 and not self._any_adopted()
+                and all(task.done() for task in self._alongside)
                 and not await self._held_elsewhere()
             ):
                 self.done.set()
