@@ -962,8 +962,9 @@ class Store:
     async def finished_outputs(
         self, run_id: int, *, after_id: int, finished_before: float, limit: int = 1000
     ) -> list[OutputRecord]:
-        """One page, by job id, of the succeeded jobs finished before ``finished_before``
-        (a run may hold a million: callers page so no transaction is long)."""
+        """One page, by job id, of the manifest's succeeded jobs finished before
+        ``finished_before`` (a run may hold a million: callers page so no transaction is
+        long)."""
         async with self._tx() as conn:
             rows = (
                 await conn.execute(
@@ -978,6 +979,7 @@ class Store:
                         jobs.c.run_id == run_id,
                         jobs.c.state == JobState.SUCCEEDED.value,
                         jobs.c.id > after_id,
+                        jobs.c.in_manifest.is_(True),
                         or_(
                             jobs.c.finished_at.is_(None),
                             jobs.c.finished_at < finished_before,

@@ -119,7 +119,7 @@ async def test_database_from_the_previous_schema_upgrades_and_resumes(tmp_path: 
     with sqlite3.connect(settings.db) as conn:
         [(head,)] = conn.execute("SELECT version_num FROM alembic_version")
         indexes = {r[1] for r in conn.execute("PRAGMA index_list(attempts)")}
-    assert head == "0003"
+    assert head == "0004"
     assert "ix_attempts_endpoint_id_state" in indexes
 
 
