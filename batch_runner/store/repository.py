@@ -587,6 +587,25 @@ class Store:
             return next_due <= now, next_due
         return False, None
 
+    async def count_claimable(self, run_id: int, at_most: int) -> int:
+        """How many jobs could be claimed now (pending, or due for retry), counted only up to
+        ``at_most`` so the answer costs little however long the run is."""
+        now = _now()
+        due = and_(
+            jobs.c.run_id == run_id,
+            jobs.c.in_manifest.is_(True),
+            jobs.c.state == JobState.RETRY_WAIT.value,
+            jobs.c.next_eligible_at <= now,
+        )
+        total = 0
+        async with self._tx() as conn:
+            for where in (_pending(run_id), due):
+                if total >= at_most:
+                    break
+                found = select(jobs.c.id).where(where).limit(at_most - total).subquery()
+                total += (await conn.execute(select(func.count()).select_from(found))).scalar_one()
+        return total
+
     async def release(self, job_id: int, reason: str) -> None:
         """Give a claimed job back untouched (the run is stopping before it was submitted)."""
         async with self._tx() as conn:

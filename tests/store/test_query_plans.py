@@ -1,4 +1,5 @@
-"""The scheduler's hot queries use the index that matches them (no scan of a million jobs)."""
+"""The scheduler's hot queries (the claim, and the counts that decide whether to claim) use
+the index that matches them (no scan of a million jobs)."""
 
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ async def test_claim_queries_search_the_run_state_index(tmp_path: Path) -> None:
         event.listen(store._engine.sync_engine, "before_cursor_execute", capture)
         await store.claim(run.id, endpoint.id, avoid_grace=10)
         await store.has_claimable(run.id)
+        await store.count_claimable(run.id, 64)
         event.remove(store._engine.sync_engine, "before_cursor_execute", capture)
     selects = [
         (s, p) for s, p in seen if s.lstrip().upper().startswith("SELECT") and "FROM jobs" in s
