@@ -18,7 +18,6 @@ from typing import Any
 
 from sqlalchemy import ColumnElement, Select, and_, column, func, insert, or_, select, table, update
 from sqlalchemy.exc import OperationalError
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from batch_runner import clock, crashpoints
 from batch_runner.errors import DatabaseLocked, TransitionRejected
@@ -32,6 +31,7 @@ from batch_runner.states import (
 )
 from batch_runner.store import dialect
 from batch_runner.store import engine as engine_mod
+from batch_runner.store.connection import Backend, Conn, Reader, open_backend
 from batch_runner.store.location import Database, database
 from batch_runner.store.models import (
     attempts,
@@ -81,8 +81,8 @@ class Failure:
 class Store:
     """A run database. Open it with ``async with Store.open(path_or_url) as store``."""
 
-    def __init__(self, engine: AsyncEngine, db: Database) -> None:
-        self._engine = engine
+    def __init__(self, backend: Backend, db: Database) -> None:
+        self._backend = backend
         self.db = db
         #: the SQLite file, or None on a database server
         self.path = db.path
@@ -117,12 +117,12 @@ class Store:
     @classmethod
     @asynccontextmanager
     async def _opened(cls, db: Database) -> AsyncIterator[Store]:
-        engine = engine_mod.engine_for(db)
+        backend = open_backend(db)
         try:
-            await engine_mod.migrate(engine)
-            yield cls(engine, db)
+            await backend.migrate()
+            yield cls(backend, db)
         finally:
-            await engine.dispose()
+            await backend.dispose()
 
     @property
     def shared(self) -> bool:
@@ -130,14 +130,14 @@ class Store:
         return self.db.shared
 
     @asynccontextmanager
-    async def _tx(self) -> AsyncIterator[AsyncConnection]:
+    async def _tx(self) -> AsyncIterator[Conn]:
         """One write transaction. Taking SQLite's write lock is the only step that can meet
         another program's lock (in WAL mode a begun transaction commits without waiting), so
         that step alone is retried, with backoff, before giving up with a typed error."""
-        async with self._lock, self._engine.connect() as conn:
+        async with self._lock, self._backend.writer() as conn:
             for attempt in range(1, LOCK_RETRIES + 1):
                 try:
-                    transaction = await conn.begin()
+                    await conn.begin()
                     break
                 except OperationalError as exc:
                     if "locked" not in str(exc) and "busy" not in str(exc):
@@ -153,10 +153,16 @@ class Store:
             try:
                 yield conn
             except BaseException:
-                await transaction.rollback()
+                await conn.rollback()
                 raise
-            await transaction.commit()
+            await conn.commit()
         crashpoints.reached("commit")
+
+    @asynccontextmanager
+    async def _reading(self) -> AsyncIterator[Reader]:
+        """Reads outside any write: they see the last commit and never take the write lock."""
+        async with self._backend.reader() as conn:
+            yield conn
 
     # ---------------------------------------------------------------- runs and endpoints
 
@@ -177,7 +183,7 @@ class Store:
 
     async def only_run(self) -> RunRecord | None:
         """The run of a database made by ``run`` (one run per database)."""
-        async with self._tx() as conn:
+        async with self._reading() as conn:
             rows = (await conn.execute(select(runs).order_by(runs.c.id))).all()
         if not rows:
             return None
@@ -214,7 +220,7 @@ class Store:
             return EndpointRecord(row.id, row.url, row.client_id)
 
     async def endpoints_of(self, run_id: int) -> list[EndpointRecord]:
-        async with self._tx() as conn:
+        async with self._reading() as conn:
             rows = await conn.execute(select(endpoints).where(endpoints.c.run_id == run_id))
             return [EndpointRecord(r.id, r.url, r.client_id) for r in rows]
 
@@ -233,7 +239,7 @@ class Store:
         changed: list[str] = []
         async with (
             self._lock,
-            self._engine.connect() as conn,
+            self._backend.writer() as conn,
             dialect.ingest_lock(conn, run_id),
         ):
             await conn.exec_driver_sql(
@@ -286,7 +292,7 @@ class Store:
         )
 
     async def _ingest_batch(
-        self, conn: AsyncConnection, run_id: int, batch: Sequence[NewJob], rerun_changed: bool
+        self, conn: Conn, run_id: int, batch: Sequence[NewJob], rerun_changed: bool
     ) -> tuple[int, int, int, int, list[str]]:
         now = _now()
         keys = [j.key for j in batch]
@@ -361,7 +367,7 @@ class Store:
         return len(new_rows), unchanged, updated, restored, changed
 
     async def _reset_to_spec(
-        self, conn: AsyncConnection, job_id: int, old_state: JobState, job: NewJob, now: float
+        self, conn: Conn, job_id: int, old_state: JobState, job: NewJob, now: float
     ) -> None:
         await conn.execute(
             update(jobs)
@@ -393,7 +399,7 @@ class Store:
 
     async def _log(
         self,
-        conn: AsyncConnection,
+        conn: Conn,
         job_id: int,
         from_state: JobState | None,
         to_state: JobState,
@@ -413,7 +419,7 @@ class Store:
 
     async def _move(
         self,
-        conn: AsyncConnection,
+        conn: Conn,
         job_id: int,
         to: JobState,
         *,
@@ -442,7 +448,7 @@ class Store:
 
     async def _set_attempt(
         self,
-        conn: AsyncConnection,
+        conn: Conn,
         attempt_id: int,
         to: AttemptState,
         *,
@@ -547,7 +553,7 @@ class Store:
                 claimed.append(JobRecord.from_row(row))
             return claimed
 
-    async def _endpoint_load(self, conn: AsyncConnection, endpoint_id: int) -> int:
+    async def _endpoint_load(self, conn: Conn, endpoint_id: int) -> int:
         """Jobs being prepared for or run on one endpoint, by any runner. The endpoint's row
         lock makes concurrent claims for it take turns, so the count cannot go stale."""
         await conn.execute(
@@ -567,7 +573,7 @@ class Store:
     async def has_claimable(self, run_id: int) -> tuple[bool, float | None]:
         """Whether any job can still be claimed now, and when the next retry becomes due."""
         now = _now()
-        async with self._tx() as conn:
+        async with self._reading() as conn:
             pending = (
                 await conn.execute(select(jobs.c.id).where(_pending(run_id)).limit(1))
             ).first()
@@ -613,7 +619,7 @@ class Store:
 
     async def _move_all(
         self,
-        conn: AsyncConnection,
+        conn: Conn,
         run_id: int,
         sources: Iterable[JobState],
         to: JobState,
@@ -805,7 +811,7 @@ class Store:
 
     async def _fail(
         self,
-        conn: AsyncConnection,
+        conn: Conn,
         job_id: int,
         allowed: Iterable[JobState],
         error: str,
@@ -903,7 +909,7 @@ class Store:
     # ---------------------------------------------------------------- uploads
 
     async def upload_name(self, endpoint_id: int, sha256: str) -> str | None:
-        async with self._tx() as conn:
+        async with self._reading() as conn:
             return (
                 await conn.execute(
                     select(uploads.c.name).where(
@@ -933,7 +939,7 @@ class Store:
     # ---------------------------------------------------------------- reads
 
     async def job(self, job_id: int) -> JobRecord:
-        async with self._tx() as conn:
+        async with self._reading() as conn:
             return JobRecord.from_row(
                 (await conn.execute(select(jobs).where(jobs.c.id == job_id))).one()
             )
@@ -943,7 +949,7 @@ class Store:
     ) -> list[tuple[JobRecord, AttemptRecord]]:
         """Jobs that may have a prompt on a server, each with its newest attempt (on a shared
         database, those held by ``runner_id``)."""
-        async with self._tx() as conn:
+        async with self._reading() as conn:
             mine = (
                 jobs.c.runner_id == runner_id if runner_id is not None else jobs.c.id.is_not(None)
             )
@@ -962,7 +968,7 @@ class Store:
         """Succeeded jobs, streamed in batches (a run may hold a million)."""
         last_id = 0
         while True:
-            async with self._tx() as conn:
+            async with self._reading() as conn:
                 rows = (
                     await conn.execute(
                         select(jobs)
@@ -982,7 +988,7 @@ class Store:
             last_id = rows[-1].id
 
     async def counts(self, run_id: int) -> dict[JobState, int]:
-        async with self._tx() as conn:
+        async with self._reading() as conn:
             rows = await conn.execute(
                 select(jobs.c.state, func.count())
                 .where(jobs.c.run_id == run_id, jobs.c.in_manifest.is_(True))
@@ -995,7 +1001,7 @@ class Store:
 
     async def endpoint_counts(self, run_id: int) -> dict[str, dict[str, int]]:
         """Per endpoint URL: attempts by state."""
-        async with self._tx() as conn:
+        async with self._reading() as conn:
             rows = await conn.execute(
                 select(endpoints.c.url, attempts.c.state, func.count())
                 .select_from(attempts.join(endpoints, attempts.c.endpoint_id == endpoints.c.id))
@@ -1008,7 +1014,7 @@ class Store:
             return result
 
     async def failures(self, run_id: int, limit: int = 50) -> list[Failure]:
-        async with self._tx() as conn:
+        async with self._reading() as conn:
             rows = await conn.execute(
                 select(jobs)
                 .where(
@@ -1027,7 +1033,7 @@ class Store:
 
     async def recent_failures(self, run_id: int, limit: int = 5) -> list[Failure]:
         """The latest failed or retry-waiting jobs, newest first (the live display)."""
-        async with self._tx() as conn:
+        async with self._reading() as conn:
             rows = await conn.execute(
                 select(jobs)
                 .where(
@@ -1047,7 +1053,7 @@ class Store:
         ``since``, the earliest start and the latest finish among them; throughput and ETA
         are computed from these."""
         start = func.min(func.coalesce(attempts.c.started_at, attempts.c.submitted_at))
-        async with self._tx() as conn:
+        async with self._reading() as conn:
             rows = await conn.execute(
                 select(endpoints.c.url, func.count(), start, func.max(attempts.c.finished_at))
                 .select_from(attempts.join(endpoints, attempts.c.endpoint_id == endpoints.c.id))
@@ -1068,7 +1074,7 @@ class Store:
         """Every job with its last attempt's endpoint and prompt id, in manifest order."""
         last_line, last_id = -1, 0
         while True:
-            async with self._tx() as conn:
+            async with self._reading() as conn:
                 latest = (
                     select(attempts.c.job_id, func.max(attempts.c.number).label("number"))
                     .group_by(attempts.c.job_id)
@@ -1116,7 +1122,7 @@ class Store:
     # ---------------------------------------------------------------- runners (shared database)
 
     async def runner_named(self, run_id: int, name: str) -> RunnerRecord | None:
-        async with self._tx() as conn:
+        async with self._reading() as conn:
             row = (
                 await conn.execute(
                     select(runners).where(runners.c.run_id == run_id, runners.c.name == name)
@@ -1238,7 +1244,7 @@ class Store:
 
     async def held_elsewhere(self, run_id: int, runner_id: int) -> int:
         """Active jobs of this run held by other runners (alive, or not yet taken over)."""
-        async with self._tx() as conn:
+        async with self._reading() as conn:
             return int(
                 (
                     await conn.execute(
@@ -1259,7 +1265,7 @@ class Store:
         """Job durations and queue waits that ended after ``since`` (on a shared database,
         of ``runner_id``'s jobs, so runners' histograms add up without double counting)."""
         mine = jobs.c.runner_id == runner_id if runner_id is not None else jobs.c.id.is_not(None)
-        async with self._tx() as conn:
+        async with self._reading() as conn:
             done = (
                 await conn.execute(
                     select(jobs.c.started_at, jobs.c.finished_at).where(
@@ -1293,7 +1299,7 @@ class Store:
     async def failure_reasons(self, run_id: int) -> dict[str, int]:
         """Attempts that ended in an error, by its kind (every runner's)."""
         ended = [AttemptState.FAILED.value, AttemptState.LOST.value, AttemptState.ABANDONED.value]
-        async with self._tx() as conn:
+        async with self._reading() as conn:
             rows = await conn.execute(
                 select(attempts.c.error_kind, func.count())
                 .select_from(attempts.join(jobs, attempts.c.job_id == jobs.c.id))
@@ -1303,7 +1309,7 @@ class Store:
             return {kind or "unknown": n for kind, n in rows}
 
 
-async def _latest_attempt(conn: AsyncConnection, job_id: int) -> AttemptRecord:
+async def _latest_attempt(conn: Reader, job_id: int) -> AttemptRecord:
     row = (
         await conn.execute(
             select(attempts)

@@ -9,6 +9,7 @@ from typing import Any
 from sqlalchemy import event
 
 from batch_runner.store import NewJob, Store
+from batch_runner.store.sqlite import SqliteBackend
 
 
 async def test_claim_queries_search_the_run_state_index(tmp_path: Path) -> None:
@@ -22,10 +23,15 @@ async def test_claim_queries_search_the_run_state_index(tmp_path: Path) -> None:
         def capture(_c: Any, _cur: Any, statement: str, params: Any, *_rest: Any) -> None:
             seen.append((statement, params))
 
-        event.listen(store._engine.sync_engine, "before_cursor_execute", capture)
+        backend = store._backend
+        assert isinstance(backend, SqliteBackend)
+        engines = (backend.engine, backend.reader_engine)
+        for engine in engines:
+            event.listen(engine, "before_cursor_execute", capture)
         await store.claim(run.id, endpoint.id, avoid_grace=10)
         await store.has_claimable(run.id)
-        event.remove(store._engine.sync_engine, "before_cursor_execute", capture)
+        for engine in engines:
+            event.remove(engine, "before_cursor_execute", capture)
     selects = [
         (s, p) for s, p in seen if s.lstrip().upper().startswith("SELECT") and "FROM jobs" in s
     ]
