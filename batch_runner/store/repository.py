@@ -130,11 +130,21 @@ class Store:
         return self.db.shared
 
     @asynccontextmanager
-    async def _tx(self) -> AsyncIterator[Conn]:
+    async def _tx(self, *, durable: bool = True) -> AsyncIterator[Conn]:
         """One write transaction. Taking SQLite's write lock is the only step that can meet
         another program's lock (in WAL mode a begun transaction commits without waiting), so
-        that step alone is retried, with backoff, before giving up with a typed error."""
-        async with self._lock, self._backend.writer() as conn:
+        that step alone is retried, with backoff, before giving up with a typed error.
+
+        A ``durable`` commit has reached the disk when it returns (SQLite: synchronous=FULL):
+        the write-ahead rule relies on that before POST /prompt and after a video is fsynced.
+        The others (synchronous=NORMAL: a claim, "queued", "running", an upload's name, a
+        release) survive the process being killed, and a power cut can undo them only back to
+        the last durable commit, because in WAL mode a FULL commit syncs the whole log,
+        earlier frames included. Losing one of them is harmless: a resume recomputes it (a
+        claimed job is released, a prompt is looked up on its server by prompt_id, an image
+        is uploaded again).
+        """
+        async with self._lock, self._backend.writer(durable=durable) as conn:
             for attempt in range(1, LOCK_RETRIES + 1):
                 try:
                     await conn.begin()
@@ -484,7 +494,7 @@ class Store:
         endpoint that are preparing or on its GPU across all runners.
         """
         now = _now()
-        async with self._tx() as conn:
+        async with self._tx(durable=False) as conn:
             if capacity is not None:
                 limit = min(limit, capacity - await self._endpoint_load(conn, endpoint_id))
                 if limit <= 0:
@@ -594,7 +604,7 @@ class Store:
 
     async def release(self, job_id: int, reason: str) -> None:
         """Give a claimed job back untouched (the run is stopping before it was submitted)."""
-        async with self._tx() as conn:
+        async with self._tx(durable=False) as conn:
             await self._move(
                 conn, job_id, JobState.PENDING, allowed=(JobState.PREPARING,), detail=reason
             )
@@ -683,7 +693,7 @@ class Store:
             return attempt
 
     async def attempt_queued(self, attempt_id: int) -> None:
-        async with self._tx() as conn:
+        async with self._tx(durable=False) as conn:
             await self._set_attempt(
                 conn,
                 attempt_id,
@@ -694,7 +704,7 @@ class Store:
 
     async def attempt_running(self, job_id: int, attempt_id: int) -> bool:
         """The server started the prompt. Repeats and late arrivals are no-ops (False)."""
-        async with self._tx() as conn:
+        async with self._tx(durable=False) as conn:
             moved = await self._set_attempt(
                 conn,
                 attempt_id,
@@ -919,7 +929,7 @@ class Store:
             ).scalar()
 
     async def record_upload(self, endpoint_id: int, sha256: str, name: str) -> None:
-        async with self._tx() as conn:
+        async with self._tx(durable=False) as conn:
             await conn.execute(
                 dialect.upsert(
                     conn,
