@@ -29,14 +29,13 @@ from batch_runner.states import (
     AttemptState,
     JobState,
 )
-from batch_runner.store import dialect
+from batch_runner.store import dialect, statements
 from batch_runner.store import engine as engine_mod
 from batch_runner.store.connection import Backend, Conn, Reader, open_backend
 from batch_runner.store.location import Database, database
 from batch_runner.store.models import (
     attempts,
     endpoints,
-    job_events,
     jobs,
     runners,
     runs,
@@ -417,14 +416,15 @@ class Store:
         detail: str | None,
     ) -> None:
         await conn.execute(
-            insert(job_events).values(
-                job_id=job_id,
-                at=_now(),
-                from_state=from_state,
-                to_state=to_state,
-                attempt_id=attempt_id,
-                detail=detail,
-            )
+            statements.LOG_EVENT,
+            {
+                "job_id": job_id,
+                "at": _now(),
+                "from_state": from_state.value if from_state is not None else None,
+                "to_state": to_state.value,
+                "attempt_id": attempt_id,
+                "detail": detail,
+            },
         )
 
     async def _move(
@@ -438,23 +438,48 @@ class Store:
         detail: str | None = None,
         **values: Any,
     ) -> JobState:
-        allowed_set = {s.value for s in allowed}
-        # FOR UPDATE: on a shared database another runner cannot change the row between this
-        # check and the update below (SQLite's single writer needs no row lock).
-        row = (
-            await conn.execute(select(jobs.c.state).where(jobs.c.id == job_id).with_for_update())
-        ).first()
-        if row is None or row.state not in allowed_set:
-            current = row.state if row else "missing"
-            raise TransitionRejected(f"job {job_id}: cannot move from {current} to {to.value}")
-        await conn.execute(
-            update(jobs)
-            .where(jobs.c.id == job_id, jobs.c.state == row.state)
-            .values(state=to.value, updated_at=_now(), **values)
-        )
-        from_state = JobState(row.state)
-        await self._log(conn, job_id, from_state, to, attempt_id, detail)
+        sources = tuple(allowed)
+        if len(sources) == 1:
+            from_state = sources[0]
+        else:
+            # FOR UPDATE: on a shared database another runner cannot change the row between
+            # this check and the update below (SQLite's single writer needs no row lock).
+            current = (await conn.execute(statements.JOB_STATE, {"p_id": job_id})).scalar()
+            if current not in {s.value for s in sources}:
+                raise _rejected(job_id, current, to)
+            from_state = JobState(current)
+        if not await self._try_move(conn, job_id, from_state, to, attempt_id, detail, values):
+            current = (await conn.execute(statements.JOB_STATE, {"p_id": job_id})).scalar()
+            raise _rejected(job_id, current, to)
         return from_state
+
+    async def _try_move(
+        self,
+        conn: Conn,
+        job_id: int,
+        from_state: JobState,
+        to: JobState,
+        attempt_id: int | None,
+        detail: str | None,
+        values: Mapping[str, Any],
+    ) -> bool:
+        """Move the job if it is in ``from_state``, and log it; False if it was not. The
+        check is the update's own condition, so on a shared database the row lock the update
+        takes makes check and change one step."""
+        result = await conn.execute(
+            statements.move_job(tuple(sorted(values))),
+            {
+                "p_id": job_id,
+                "p_from": from_state.value,
+                "p_to": to.value,
+                "p_now": _now(),
+                **{f"p_{name}": value for name, value in values.items()},
+            },
+        )
+        if result.rowcount != 1:
+            return False
+        await self._log(conn, job_id, from_state, to, attempt_id, detail)
+        return True
 
     async def _set_attempt(
         self,
@@ -466,12 +491,14 @@ class Store:
         **values: Any,
     ) -> bool:
         result = await conn.execute(
-            update(attempts)
-            .where(attempts.c.id == attempt_id, attempts.c.state.in_([s.value for s in allowed]))
-            .values(state=to.value, **values)
-            .returning(attempts.c.id)
+            statements.set_attempt(tuple(sorted(s.value for s in allowed)), tuple(sorted(values))),
+            {
+                "p_id": attempt_id,
+                "p_to": to.value,
+                **{f"p_{name}": value for name, value in values.items()},
+            },
         )
-        return result.first() is not None
+        return result.rowcount == 1
 
     async def claim(
         self,
@@ -499,67 +526,41 @@ class Store:
                 limit = min(limit, capacity - await self._endpoint_load(conn, endpoint_id))
                 if limit <= 0:
                     return []
-            due = and_(
-                jobs.c.run_id == run_id,
-                jobs.c.in_manifest.is_(True),
-                jobs.c.state == JobState.RETRY_WAIT.value,
-                jobs.c.next_eligible_at <= now,
-            )
-            not_avoided = or_(
-                jobs.c.avoid_endpoint_id.is_(None), jobs.c.avoid_endpoint_id != endpoint_id
-            )
-            ids: list[int] = list(
-                (
-                    await conn.execute(
-                        select(jobs.c.id)
-                        .where(due, not_avoided)
-                        .order_by(jobs.c.next_eligible_at)
-                        .limit(limit)
-                        .with_for_update(skip_locked=True)
-                    )
-                ).scalars()
-            )
-            if len(ids) < limit:
-                ids += (
-                    (
-                        await conn.execute(
-                            select(jobs.c.id)
-                            .where(_pending(run_id))
-                            .order_by(jobs.c.id)
-                            .limit(limit - len(ids))
-                            .with_for_update(skip_locked=True)
-                        )
-                    )
-                    .scalars()
-                    .all()
-                )
-            if len(ids) < limit:
-                ids += (
-                    (
-                        await conn.execute(
-                            select(jobs.c.id)
-                            .where(due, ~not_avoided, jobs.c.next_eligible_at <= now - avoid_grace)
-                            .order_by(jobs.c.next_eligible_at)
-                            .limit(limit - len(ids))
-                            .with_for_update(skip_locked=True)
-                        )
-                    )
-                    .scalars()
-                    .all()
-                )
+            params = {
+                "p_run": run_id,
+                "p_now": now,
+                "p_endpoint": endpoint_id,
+                "p_before": now - avoid_grace,
+            }
+            picked: list[tuple[int, JobState]] = []
+            for query, source in (
+                (statements.CLAIM_DUE, JobState.RETRY_WAIT),
+                (statements.CLAIM_PENDING, JobState.PENDING),
+                (statements.CLAIM_AVOIDED, JobState.RETRY_WAIT),
+            ):
+                if len(picked) >= limit:
+                    break
+                found = await conn.execute(query, {**params, "p_limit": limit - len(picked)})
+                picked += [(job_id, source) for job_id in found.scalars()]
             claimed = []
-            for job_id in ids:
-                await self._move(
-                    conn,
-                    job_id,
-                    JobState.PREPARING,
-                    allowed=(JobState.PENDING, JobState.RETRY_WAIT),
-                    detail=f"endpoint {endpoint_id}",
-                    started_at=func.coalesce(jobs.c.started_at, now),
-                    runner_id=runner_id,
-                    claimed_endpoint_id=endpoint_id,
+            for job_id, source in picked:
+                row = (
+                    await conn.execute(
+                        statements.CLAIM,
+                        {
+                            "p_id": job_id,
+                            "p_from": source.value,
+                            "p_now": now,
+                            "p_runner": runner_id,
+                            "p_endpoint": endpoint_id,
+                        },
+                    )
+                ).first()
+                if row is None:  # selected in this transaction, so only a bug gets here
+                    raise _rejected(job_id, None, JobState.PREPARING)
+                await self._log(
+                    conn, job_id, source, JobState.PREPARING, None, f"endpoint {endpoint_id}"
                 )
-                row = (await conn.execute(select(jobs).where(jobs.c.id == job_id))).one()
                 claimed.append(JobRecord.from_row(row))
             return claimed
 
@@ -662,20 +663,19 @@ class Store:
         prompt_id = str(uuid.uuid4())
         async with self._tx() as conn:
             number = (
-                await conn.execute(select(jobs.c.attempts).where(jobs.c.id == job_id))
+                await conn.execute(statements.JOB_ATTEMPTS, {"p_id": job_id})
             ).scalar_one() + 1
             result = await conn.execute(
-                insert(attempts)
-                .values(
-                    job_id=job_id,
-                    number=number,
-                    endpoint_id=endpoint_id,
-                    prompt_id=prompt_id,
-                    state=AttemptState.INTENT.value,
-                    graph=_dumps(dict(graph)),
-                    created_at=now,
-                )
-                .returning(attempts)
+                statements.NEW_ATTEMPT,
+                {
+                    "job_id": job_id,
+                    "number": number,
+                    "endpoint_id": endpoint_id,
+                    "prompt_id": prompt_id,
+                    "state": AttemptState.INTENT.value,
+                    "graph": _dumps(dict(graph)),
+                    "created_at": now,
+                },
             )
             attempt = AttemptRecord.from_row(result.one())
             await self._move(
@@ -714,15 +714,10 @@ class Store:
             )
             if not moved:
                 return False
-            state = (await conn.execute(select(jobs.c.state).where(jobs.c.id == job_id))).scalar()
-            if state == JobState.SUBMITTED.value:
-                await self._move(
-                    conn,
-                    job_id,
-                    JobState.RUNNING,
-                    allowed=(JobState.SUBMITTED,),
-                    attempt_id=attempt_id,
-                )
+            # The job moves on only from submitted: after a later step, this changes nothing.
+            await self._try_move(
+                conn, job_id, JobState.SUBMITTED, JobState.RUNNING, attempt_id, None, {}
+            )
             return True
 
     async def attempt_completed(
@@ -1329,6 +1324,12 @@ async def _latest_attempt(conn: Reader, job_id: int) -> AttemptRecord:
         )
     ).one()
     return AttemptRecord.from_row(row)
+
+
+def _rejected(job_id: int, current: str | None, to: JobState) -> TransitionRejected:
+    return TransitionRejected(
+        f"job {job_id}: cannot move from {current or 'missing'} to {to.value}"
+    )
 
 
 def _pending(run_id: int) -> ColumnElement[bool]:
