@@ -136,12 +136,12 @@ class Store:
 
         A ``durable`` commit has reached the disk when it returns (SQLite: synchronous=FULL):
         the write-ahead rule relies on that before POST /prompt and after a video is fsynced.
-        The others (synchronous=NORMAL: a claim, "queued", "running", an upload's name, a
-        release) survive the process being killed, and a power cut can undo them only back to
-        the last durable commit, because in WAL mode a FULL commit syncs the whole log,
-        earlier frames included. Losing one of them is harmless: a resume recomputes it (a
-        claimed job is released, a prompt is looked up on its server by prompt_id, an image
-        is uploaded again).
+        The others (synchronous=NORMAL: a claim, "queued", "running", "completed", an
+        upload's name, a release) survive the process being killed, and a power cut can undo
+        them only back to the last durable commit, because in WAL mode a FULL commit syncs
+        the whole log, earlier frames included. Losing one of them is harmless: a resume
+        recomputes it (a claimed job is released, a prompt and its outputs are looked up on
+        its server by prompt_id, an image is uploaded again).
         """
         async with self._lock, self._backend.writer(durable=durable) as conn:
             for attempt in range(1, LOCK_RETRIES + 1):
@@ -723,8 +723,12 @@ class Store:
     async def attempt_completed(
         self, job_id: int, attempt_id: int, outputs: Sequence[Mapping[str, Any]]
     ) -> bool:
-        """The server finished the prompt successfully; the job moves on to fetching."""
-        async with self._tx() as conn:
+        """The server finished the prompt successfully; the job moves on to fetching.
+
+        Not durable: should a power cut undo it, the resumed attempt finds the prompt in the
+        server's history by its prompt_id, outputs included, and fetches them then.
+        """
+        async with self._tx(durable=False) as conn:
             moved = await self._set_attempt(
                 conn,
                 attempt_id,

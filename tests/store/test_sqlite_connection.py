@@ -37,7 +37,7 @@ async def test_only_recomputable_steps_commit_without_fsync(
         await store.job_succeeded(job.id, attempt.id, path="/o/k0.mp4", sha256="ab", size=3)
         await store.record_upload(ep.id, "cafe", "cafe.png")
     # claim, begin_attempt (write-ahead), queued, running, completed, succeeded, upload
-    assert levels == [NORMAL, FULL, NORMAL, NORMAL, FULL, FULL, NORMAL]
+    assert levels == [NORMAL, FULL, NORMAL, NORMAL, NORMAL, FULL, NORMAL]
 
 
 async def test_reads_go_on_while_another_program_holds_the_write_lock(
