@@ -5,8 +5,9 @@ microseconds; a hop to another thread per statement used to cost more than the s
 So statements run where the repository awaits them, on one connection shared by the loop
 and the store's thread (never both at once: the store's lock serialises transactions, and a
 step handed to the thread is waited for even when its caller is cancelled). Only the steps
-that can block go to the thread: BEGIN IMMEDIATE, which may wait out another program's lock
-for up to the busy timeout, and COMMIT, which waits for fsync.
+that can block go to the thread: a BEGIN IMMEDIATE that has to wait out another program's
+lock (for up to the busy timeout; a free lock is taken at once, on the loop's thread), and
+COMMIT, which waits for fsync.
 
 Reads that are not part of a write go to a second, read-only connection on a thread of its
 own: in WAL mode they see the last commit without taking the write lock, and a long one
@@ -23,6 +24,7 @@ from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from sqlalchemy import Connection, Dialect, Executable
+from sqlalchemy.exc import OperationalError
 
 from batch_runner.store import engine as engine_mod
 from batch_runner.store.location import Database
@@ -35,6 +37,11 @@ T = TypeVar("T")
 #: PRAGMA synchronous levels
 FULL = 2
 NORMAL = 1
+
+
+def is_busy(exc: OperationalError) -> bool:
+    """Whether SQLite refused for another connection's lock (SQLITE_BUSY or SQLITE_LOCKED)."""
+    return "locked" in str(exc) or "busy" in str(exc)
 
 
 class _Thread:
@@ -116,16 +123,33 @@ class SqliteConnection:
         return _Begin(self)
 
     async def start(self) -> None:
-        await self._thread.run(self._begin, FULL if self.durable else NORMAL)
+        level = FULL if self.durable else NORMAL
+        try:
+            # Almost always the lock is free (the runner lock keeps other runners out), and
+            # taking it without waiting costs less than a hop to the store's thread.
+            self._begin(level, wait_ms=0)
+        except OperationalError as exc:
+            if not is_busy(exc):
+                raise
+            self._sync.rollback()
+            await self._thread.run(self._begin, level, engine_mod.BUSY_TIMEOUT_MS)
 
-    def _begin(self, level: int) -> None:
+    def _begin(self, level: int, wait_ms: int) -> None:
+        """BEGIN IMMEDIATE, waiting up to ``wait_ms`` for another program's write lock."""
+        # Between transactions, on the driver's connection (SQLAlchemy would begin one).
+        raw = self._sync.connection.dbapi_connection
+        assert raw is not None
         if level != self._level:
-            # Between transactions, on the driver's connection (SQLAlchemy would begin one).
-            raw = self._sync.connection.dbapi_connection
-            assert raw is not None
             raw.execute(f"PRAGMA synchronous={level}")
             self._level = level
-        self._sync.begin()
+        if wait_ms == engine_mod.BUSY_TIMEOUT_MS:
+            self._sync.begin()
+            return
+        raw.execute(f"PRAGMA busy_timeout={wait_ms}")
+        try:
+            self._sync.begin()
+        finally:
+            raw.execute(f"PRAGMA busy_timeout={engine_mod.BUSY_TIMEOUT_MS}")
 
     async def commit(self) -> None:
         if self._sync.in_transaction():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -64,3 +65,26 @@ async def test_reads_go_on_while_another_program_holds_the_write_lock(
         finally:
             other.execute("ROLLBACK")
             other.close()
+
+
+async def test_a_free_write_lock_is_taken_without_a_thread_hop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from batch_runner.store.sqlite import _Thread
+
+    handed: list[str] = []
+    run = _Thread.run
+
+    async def counting(self: _Thread, fn: Any, *args: Any) -> Any:
+        handed.append(getattr(fn, "__name__", repr(fn)))
+        return await run(self, fn, *args)
+
+    async with Store.open(tmp_path / "run.sqlite") as store:
+        record = await store.ensure_run("default", "m.csv")
+        ep = await store.ensure_endpoint(record.id, "http://127.0.0.1:1")
+        await store.ingest(record.id, [NewJob("k0", 2, {}, "h0")])
+        monkeypatch.setattr(_Thread, "run", counting)
+        [job] = await store.claim(record.id, ep.id)
+        await store.begin_attempt(job.id, ep.id, {}, {})
+        # Only the two commits waited on the store's thread.
+        assert handed == ["commit", "commit"]
