@@ -261,7 +261,7 @@ class JobFlow:
             await self._attempt_error(job, attempt, lane, error, AttemptState.LOST)
             return
         try:
-            entry = watch.entry or await lane.call(lambda: lane.client.history(attempt.prompt_id))
+            entry = watch.entry or await self._history(attempt, lane, prepared, watch)
         except EndpointGone as exc:
             await self._abandon(job, attempt, lane, exc)
             return
@@ -301,6 +301,16 @@ class JobFlow:
             )
         else:
             await self._attempt_error(job, attempt, lane, _execution_error(entry, watch, lane))
+
+    async def _history(
+        self, attempt: AttemptRecord, lane: Lane, prepared: Prepared, watch: PromptWatch
+    ) -> HistoryEntry | None:
+        """The prompt's history entry; None when the socket already told its success and
+        its video (``executed`` is sent for cached output nodes too, PROTOCOL §5), so
+        asking again would only repeat it."""
+        if outcome_of(watch) is Outcome.SUCCESS and prepared.pick_outputs(tuple(watch.outputs)):
+            return None
+        return await lane.call(lambda: lane.client.history(attempt.prompt_id))
 
     async def _fetch_and_record(
         self,

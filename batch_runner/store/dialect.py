@@ -13,24 +13,25 @@ from typing import Any
 
 from sqlalchemy import Insert, Table, TableClause
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.ext.asyncio import AsyncConnection
+
+from batch_runner.store.connection import Conn, Reader
 
 #: Class of the PostgreSQL advisory locks that serialise one run's manifest ingest.
 INGEST_LOCK_CLASS = 0x696E67  # "ing"
 
 
-def is_postgres(conn: AsyncConnection) -> bool:
+def is_postgres(conn: Reader) -> bool:
     return conn.dialect.name == "postgresql"
 
 
-def insert_ignoring_duplicates(conn: AsyncConnection, table: Table | TableClause) -> Insert:
+def insert_ignoring_duplicates(conn: Conn, table: Table | TableClause) -> Insert:
     """INSERT that skips rows whose unique key exists (runners may insert the same row)."""
     if is_postgres(conn):
         return postgresql.insert(table).on_conflict_do_nothing()
     return sqlite.insert(table).on_conflict_do_nothing()
 
 
-def upsert(conn: AsyncConnection, table: Table, keys: Sequence[str], **values: Any) -> Insert:
+def upsert(conn: Conn, table: Table, keys: Sequence[str], **values: Any) -> Insert:
     """INSERT, or UPDATE the row with the same ``keys`` columns."""
     changes = {k: v for k, v in values.items() if k not in keys}
     if is_postgres(conn):
@@ -41,7 +42,7 @@ def upsert(conn: AsyncConnection, table: Table, keys: Sequence[str], **values: A
 
 
 @asynccontextmanager
-async def ingest_lock(conn: AsyncConnection, run_id: int) -> AsyncIterator[None]:
+async def ingest_lock(conn: Conn, run_id: int) -> AsyncIterator[None]:
     """One ingest of a run at a time across runners; a no-op for SQLite's single runner.
 
     A session-level advisory lock, because an ingest commits in batches.

@@ -17,7 +17,7 @@ from batch_runner.errors import ConfigError
 #: What ``--db`` holds: an SQLite file, or a database URL as the user wrote it.
 DbLocation = Path | str
 
-SQLITE_DRIVER = "sqlite+aiosqlite"
+SQLITE_DRIVER = "sqlite"
 POSTGRES_DRIVER = "postgresql+asyncpg"
 
 

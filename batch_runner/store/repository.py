@@ -18,7 +18,6 @@ from typing import Any
 
 from sqlalchemy import ColumnElement, Select, and_, column, func, insert, or_, select, table, update
 from sqlalchemy.exc import OperationalError
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from batch_runner import clock, crashpoints
 from batch_runner.errors import DatabaseLocked, TransitionRejected
@@ -30,13 +29,13 @@ from batch_runner.states import (
     AttemptState,
     JobState,
 )
-from batch_runner.store import dialect
+from batch_runner.store import dialect, statements
 from batch_runner.store import engine as engine_mod
+from batch_runner.store.connection import Backend, Conn, Reader, open_backend
 from batch_runner.store.location import Database, database
 from batch_runner.store.models import (
     attempts,
     endpoints,
-    job_events,
     jobs,
     runners,
     runs,
@@ -82,8 +81,8 @@ class Failure:
 class Store:
     """A run database. Open it with ``async with Store.open(path_or_url) as store``."""
 
-    def __init__(self, engine: AsyncEngine, db: Database) -> None:
-        self._engine = engine
+    def __init__(self, backend: Backend, db: Database) -> None:
+        self._backend = backend
         self.db = db
         #: the SQLite file, or None on a database server
         self.path = db.path
@@ -118,12 +117,12 @@ class Store:
     @classmethod
     @asynccontextmanager
     async def _opened(cls, db: Database) -> AsyncIterator[Store]:
-        engine = engine_mod.engine_for(db)
+        backend = open_backend(db)
         try:
-            await engine_mod.migrate(engine)
-            yield cls(engine, db)
+            await backend.migrate()
+            yield cls(backend, db)
         finally:
-            await engine.dispose()
+            await backend.dispose()
 
     @property
     def shared(self) -> bool:
@@ -131,14 +130,24 @@ class Store:
         return self.db.shared
 
     @asynccontextmanager
-    async def _tx(self) -> AsyncIterator[AsyncConnection]:
+    async def _tx(self, *, durable: bool = True) -> AsyncIterator[Conn]:
         """One write transaction. Taking SQLite's write lock is the only step that can meet
         another program's lock (in WAL mode a begun transaction commits without waiting), so
-        that step alone is retried, with backoff, before giving up with a typed error."""
-        async with self._lock, self._engine.connect() as conn:
+        that step alone is retried, with backoff, before giving up with a typed error.
+
+        A ``durable`` commit has reached the disk when it returns (SQLite: synchronous=FULL):
+        the write-ahead rule relies on that before POST /prompt and after a video is fsynced.
+        The others (synchronous=NORMAL: a claim, "queued", "running", "completed", an
+        upload's name, a release) survive the process being killed, and a power cut can undo
+        them only back to the last durable commit, because in WAL mode a FULL commit syncs
+        the whole log, earlier frames included. Losing one of them is harmless: a resume
+        recomputes it (a claimed job is released, a prompt and its outputs are looked up on
+        its server by prompt_id, an image is uploaded again).
+        """
+        async with self._lock, self._backend.writer(durable=durable) as conn:
             for attempt in range(1, LOCK_RETRIES + 1):
                 try:
-                    transaction = await conn.begin()
+                    await conn.begin()
                     break
                 except OperationalError as exc:
                     if "locked" not in str(exc) and "busy" not in str(exc):
@@ -154,10 +163,16 @@ class Store:
             try:
                 yield conn
             except BaseException:
-                await transaction.rollback()
+                await conn.rollback()
                 raise
-            await transaction.commit()
+            await conn.commit()
         crashpoints.reached("commit")
+
+    @asynccontextmanager
+    async def _reading(self) -> AsyncIterator[Reader]:
+        """Reads outside any write: they see the last commit and never take the write lock."""
+        async with self._backend.reader() as conn:
+            yield conn
 
     # ---------------------------------------------------------------- runs and endpoints
 
@@ -178,7 +193,7 @@ class Store:
 
     async def only_run(self) -> RunRecord | None:
         """The run of a database made by ``run`` (one run per database)."""
-        async with self._tx() as conn:
+        async with self._reading() as conn:
             rows = (await conn.execute(select(runs).order_by(runs.c.id))).all()
         if not rows:
             return None
@@ -215,7 +230,7 @@ class Store:
             return EndpointRecord(row.id, row.url, row.client_id)
 
     async def endpoints_of(self, run_id: int) -> list[EndpointRecord]:
-        async with self._tx() as conn:
+        async with self._reading() as conn:
             rows = await conn.execute(select(endpoints).where(endpoints.c.run_id == run_id))
             return [EndpointRecord(r.id, r.url, r.client_id) for r in rows]
 
@@ -234,7 +249,7 @@ class Store:
         changed: list[str] = []
         async with (
             self._lock,
-            self._engine.connect() as conn,
+            self._backend.writer() as conn,
             dialect.ingest_lock(conn, run_id),
         ):
             await conn.exec_driver_sql(
@@ -287,7 +302,7 @@ class Store:
         )
 
     async def _ingest_batch(
-        self, conn: AsyncConnection, run_id: int, batch: Sequence[NewJob], rerun_changed: bool
+        self, conn: Conn, run_id: int, batch: Sequence[NewJob], rerun_changed: bool
     ) -> tuple[int, int, int, int, list[str]]:
         now = _now()
         keys = [j.key for j in batch]
@@ -362,7 +377,7 @@ class Store:
         return len(new_rows), unchanged, updated, restored, changed
 
     async def _reset_to_spec(
-        self, conn: AsyncConnection, job_id: int, old_state: JobState, job: NewJob, now: float
+        self, conn: Conn, job_id: int, old_state: JobState, job: NewJob, now: float
     ) -> None:
         await conn.execute(
             update(jobs)
@@ -394,7 +409,7 @@ class Store:
 
     async def _log(
         self,
-        conn: AsyncConnection,
+        conn: Conn,
         job_id: int,
         from_state: JobState | None,
         to_state: JobState,
@@ -402,19 +417,20 @@ class Store:
         detail: str | None,
     ) -> None:
         await conn.execute(
-            insert(job_events).values(
-                job_id=job_id,
-                at=_now(),
-                from_state=from_state,
-                to_state=to_state,
-                attempt_id=attempt_id,
-                detail=detail,
-            )
+            statements.LOG_EVENT,
+            {
+                "job_id": job_id,
+                "at": _now(),
+                "from_state": from_state.value if from_state is not None else None,
+                "to_state": to_state.value,
+                "attempt_id": attempt_id,
+                "detail": detail,
+            },
         )
 
     async def _move(
         self,
-        conn: AsyncConnection,
+        conn: Conn,
         job_id: int,
         to: JobState,
         *,
@@ -423,27 +439,52 @@ class Store:
         detail: str | None = None,
         **values: Any,
     ) -> JobState:
-        allowed_set = {s.value for s in allowed}
-        # FOR UPDATE: on a shared database another runner cannot change the row between this
-        # check and the update below (SQLite's single writer needs no row lock).
-        row = (
-            await conn.execute(select(jobs.c.state).where(jobs.c.id == job_id).with_for_update())
-        ).first()
-        if row is None or row.state not in allowed_set:
-            current = row.state if row else "missing"
-            raise TransitionRejected(f"job {job_id}: cannot move from {current} to {to.value}")
-        await conn.execute(
-            update(jobs)
-            .where(jobs.c.id == job_id, jobs.c.state == row.state)
-            .values(state=to.value, updated_at=_now(), **values)
-        )
-        from_state = JobState(row.state)
-        await self._log(conn, job_id, from_state, to, attempt_id, detail)
+        sources = tuple(allowed)
+        if len(sources) == 1:
+            from_state = sources[0]
+        else:
+            # FOR UPDATE: on a shared database another runner cannot change the row between
+            # this check and the update below (SQLite's single writer needs no row lock).
+            current = (await conn.execute(statements.JOB_STATE, {"p_id": job_id})).scalar()
+            if current not in {s.value for s in sources}:
+                raise _rejected(job_id, current, to)
+            from_state = JobState(current)
+        if not await self._try_move(conn, job_id, from_state, to, attempt_id, detail, values):
+            current = (await conn.execute(statements.JOB_STATE, {"p_id": job_id})).scalar()
+            raise _rejected(job_id, current, to)
         return from_state
+
+    async def _try_move(
+        self,
+        conn: Conn,
+        job_id: int,
+        from_state: JobState,
+        to: JobState,
+        attempt_id: int | None,
+        detail: str | None,
+        values: Mapping[str, Any],
+    ) -> bool:
+        """Move the job if it is in ``from_state``, and log it; False if it was not. The
+        check is the update's own condition, so on a shared database the row lock the update
+        takes makes check and change one step."""
+        result = await conn.execute(
+            statements.move_job(tuple(sorted(values))),
+            {
+                "p_id": job_id,
+                "p_from": from_state.value,
+                "p_to": to.value,
+                "p_now": _now(),
+                **{f"p_{name}": value for name, value in values.items()},
+            },
+        )
+        if result.rowcount != 1:
+            return False
+        await self._log(conn, job_id, from_state, to, attempt_id, detail)
+        return True
 
     async def _set_attempt(
         self,
-        conn: AsyncConnection,
+        conn: Conn,
         attempt_id: int,
         to: AttemptState,
         *,
@@ -451,12 +492,14 @@ class Store:
         **values: Any,
     ) -> bool:
         result = await conn.execute(
-            update(attempts)
-            .where(attempts.c.id == attempt_id, attempts.c.state.in_([s.value for s in allowed]))
-            .values(state=to.value, **values)
-            .returning(attempts.c.id)
+            statements.set_attempt(tuple(sorted(s.value for s in allowed)), tuple(sorted(values))),
+            {
+                "p_id": attempt_id,
+                "p_to": to.value,
+                **{f"p_{name}": value for name, value in values.items()},
+            },
         )
-        return result.first() is not None
+        return result.rowcount == 1
 
     async def claim(
         self,
@@ -479,76 +522,50 @@ class Store:
         endpoint that are preparing or on its GPU across all runners.
         """
         now = _now()
-        async with self._tx() as conn:
+        async with self._tx(durable=False) as conn:
             if capacity is not None:
                 limit = min(limit, capacity - await self._endpoint_load(conn, endpoint_id))
                 if limit <= 0:
                     return []
-            due = and_(
-                jobs.c.run_id == run_id,
-                jobs.c.in_manifest.is_(True),
-                jobs.c.state == JobState.RETRY_WAIT.value,
-                jobs.c.next_eligible_at <= now,
-            )
-            not_avoided = or_(
-                jobs.c.avoid_endpoint_id.is_(None), jobs.c.avoid_endpoint_id != endpoint_id
-            )
-            ids: list[int] = list(
-                (
-                    await conn.execute(
-                        select(jobs.c.id)
-                        .where(due, not_avoided)
-                        .order_by(jobs.c.next_eligible_at)
-                        .limit(limit)
-                        .with_for_update(skip_locked=True)
-                    )
-                ).scalars()
-            )
-            if len(ids) < limit:
-                ids += (
-                    (
-                        await conn.execute(
-                            select(jobs.c.id)
-                            .where(_pending(run_id))
-                            .order_by(jobs.c.id)
-                            .limit(limit - len(ids))
-                            .with_for_update(skip_locked=True)
-                        )
-                    )
-                    .scalars()
-                    .all()
-                )
-            if len(ids) < limit:
-                ids += (
-                    (
-                        await conn.execute(
-                            select(jobs.c.id)
-                            .where(due, ~not_avoided, jobs.c.next_eligible_at <= now - avoid_grace)
-                            .order_by(jobs.c.next_eligible_at)
-                            .limit(limit - len(ids))
-                            .with_for_update(skip_locked=True)
-                        )
-                    )
-                    .scalars()
-                    .all()
-                )
+            params = {
+                "p_run": run_id,
+                "p_now": now,
+                "p_endpoint": endpoint_id,
+                "p_before": now - avoid_grace,
+            }
+            picked: list[tuple[int, JobState]] = []
+            for query, source in (
+                (statements.CLAIM_DUE, JobState.RETRY_WAIT),
+                (statements.CLAIM_PENDING, JobState.PENDING),
+                (statements.CLAIM_AVOIDED, JobState.RETRY_WAIT),
+            ):
+                if len(picked) >= limit:
+                    break
+                found = await conn.execute(query, {**params, "p_limit": limit - len(picked)})
+                picked += [(job_id, source) for job_id in found.scalars()]
             claimed = []
-            for job_id in ids:
-                await self._move(
-                    conn,
-                    job_id,
-                    JobState.PREPARING,
-                    allowed=(JobState.PENDING, JobState.RETRY_WAIT),
-                    detail=f"endpoint {endpoint_id}",
-                    started_at=func.coalesce(jobs.c.started_at, now),
-                    runner_id=runner_id,
-                    claimed_endpoint_id=endpoint_id,
+            for job_id, source in picked:
+                row = (
+                    await conn.execute(
+                        statements.CLAIM,
+                        {
+                            "p_id": job_id,
+                            "p_from": source.value,
+                            "p_now": now,
+                            "p_runner": runner_id,
+                            "p_endpoint": endpoint_id,
+                        },
+                    )
+                ).first()
+                if row is None:  # selected in this transaction, so only a bug gets here
+                    raise _rejected(job_id, None, JobState.PREPARING)
+                await self._log(
+                    conn, job_id, source, JobState.PREPARING, None, f"endpoint {endpoint_id}"
                 )
-                row = (await conn.execute(select(jobs).where(jobs.c.id == job_id))).one()
                 claimed.append(JobRecord.from_row(row))
             return claimed
 
-    async def _endpoint_load(self, conn: AsyncConnection, endpoint_id: int) -> int:
+    async def _endpoint_load(self, conn: Conn, endpoint_id: int) -> int:
         """Jobs being prepared for or run on one endpoint, by any runner. The endpoint's row
         lock makes concurrent claims for it take turns, so the count cannot go stale."""
         await conn.execute(
@@ -568,7 +585,7 @@ class Store:
     async def has_claimable(self, run_id: int) -> tuple[bool, float | None]:
         """Whether any job can still be claimed now, and when the next retry becomes due."""
         now = _now()
-        async with self._tx() as conn:
+        async with self._reading() as conn:
             pending = (
                 await conn.execute(select(jobs.c.id).where(_pending(run_id)).limit(1))
             ).first()
@@ -598,7 +615,7 @@ class Store:
             jobs.c.next_eligible_at <= now,
         )
         total = 0
-        async with self._tx() as conn:
+        async with self._reading() as conn:
             for where in (_pending(run_id), due):
                 if total >= at_most:
                     break
@@ -608,7 +625,7 @@ class Store:
 
     async def release(self, job_id: int, reason: str) -> None:
         """Give a claimed job back untouched (the run is stopping before it was submitted)."""
-        async with self._tx() as conn:
+        async with self._tx(durable=False) as conn:
             await self._move(
                 conn, job_id, JobState.PENDING, allowed=(JobState.PREPARING,), detail=reason
             )
@@ -633,7 +650,7 @@ class Store:
 
     async def _move_all(
         self,
-        conn: AsyncConnection,
+        conn: Conn,
         run_id: int,
         sources: Iterable[JobState],
         to: JobState,
@@ -666,20 +683,19 @@ class Store:
         prompt_id = str(uuid.uuid4())
         async with self._tx() as conn:
             number = (
-                await conn.execute(select(jobs.c.attempts).where(jobs.c.id == job_id))
+                await conn.execute(statements.JOB_ATTEMPTS, {"p_id": job_id})
             ).scalar_one() + 1
             result = await conn.execute(
-                insert(attempts)
-                .values(
-                    job_id=job_id,
-                    number=number,
-                    endpoint_id=endpoint_id,
-                    prompt_id=prompt_id,
-                    state=AttemptState.INTENT.value,
-                    graph=_dumps(dict(graph)),
-                    created_at=now,
-                )
-                .returning(attempts)
+                statements.NEW_ATTEMPT,
+                {
+                    "job_id": job_id,
+                    "number": number,
+                    "endpoint_id": endpoint_id,
+                    "prompt_id": prompt_id,
+                    "state": AttemptState.INTENT.value,
+                    "graph": _dumps(dict(graph)),
+                    "created_at": now,
+                },
             )
             attempt = AttemptRecord.from_row(result.one())
             await self._move(
@@ -697,7 +713,7 @@ class Store:
             return attempt
 
     async def attempt_queued(self, attempt_id: int) -> None:
-        async with self._tx() as conn:
+        async with self._tx(durable=False) as conn:
             await self._set_attempt(
                 conn,
                 attempt_id,
@@ -708,7 +724,7 @@ class Store:
 
     async def attempt_running(self, job_id: int, attempt_id: int) -> bool:
         """The server started the prompt. Repeats and late arrivals are no-ops (False)."""
-        async with self._tx() as conn:
+        async with self._tx(durable=False) as conn:
             moved = await self._set_attempt(
                 conn,
                 attempt_id,
@@ -718,22 +734,21 @@ class Store:
             )
             if not moved:
                 return False
-            state = (await conn.execute(select(jobs.c.state).where(jobs.c.id == job_id))).scalar()
-            if state == JobState.SUBMITTED.value:
-                await self._move(
-                    conn,
-                    job_id,
-                    JobState.RUNNING,
-                    allowed=(JobState.SUBMITTED,),
-                    attempt_id=attempt_id,
-                )
+            # The job moves on only from submitted: after a later step, this changes nothing.
+            await self._try_move(
+                conn, job_id, JobState.SUBMITTED, JobState.RUNNING, attempt_id, None, {}
+            )
             return True
 
     async def attempt_completed(
         self, job_id: int, attempt_id: int, outputs: Sequence[Mapping[str, Any]]
     ) -> bool:
-        """The server finished the prompt successfully; the job moves on to fetching."""
-        async with self._tx() as conn:
+        """The server finished the prompt successfully; the job moves on to fetching.
+
+        Not durable: should a power cut undo it, the resumed attempt finds the prompt in the
+        server's history by its prompt_id, outputs included, and fetches them then.
+        """
+        async with self._tx(durable=False) as conn:
             moved = await self._set_attempt(
                 conn,
                 attempt_id,
@@ -825,7 +840,7 @@ class Store:
 
     async def _fail(
         self,
-        conn: AsyncConnection,
+        conn: Conn,
         job_id: int,
         allowed: Iterable[JobState],
         error: str,
@@ -923,7 +938,7 @@ class Store:
     # ---------------------------------------------------------------- uploads
 
     async def upload_name(self, endpoint_id: int, sha256: str) -> str | None:
-        async with self._tx() as conn:
+        async with self._reading() as conn:
             return (
                 await conn.execute(
                     select(uploads.c.name).where(
@@ -933,7 +948,7 @@ class Store:
             ).scalar()
 
     async def record_upload(self, endpoint_id: int, sha256: str, name: str) -> None:
-        async with self._tx() as conn:
+        async with self._tx(durable=False) as conn:
             await conn.execute(
                 dialect.upsert(
                     conn,
@@ -953,7 +968,7 @@ class Store:
     # ---------------------------------------------------------------- reads
 
     async def job(self, job_id: int) -> JobRecord:
-        async with self._tx() as conn:
+        async with self._reading() as conn:
             return JobRecord.from_row(
                 (await conn.execute(select(jobs).where(jobs.c.id == job_id))).one()
             )
@@ -963,7 +978,7 @@ class Store:
     ) -> list[tuple[JobRecord, AttemptRecord]]:
         """Jobs that may have a prompt on a server, each with its newest attempt (on a shared
         database, those held by ``runner_id``)."""
-        async with self._tx() as conn:
+        async with self._reading() as conn:
             mine = (
                 jobs.c.runner_id == runner_id if runner_id is not None else jobs.c.id.is_not(None)
             )
@@ -984,7 +999,7 @@ class Store:
         """One page, by job id, of the manifest's succeeded jobs finished before
         ``finished_before`` (a run may hold a million: callers page so no transaction is
         long)."""
-        async with self._tx() as conn:
+        async with self._reading() as conn:
             rows = (
                 await conn.execute(
                     select(
@@ -1013,7 +1028,7 @@ class Store:
         ]
 
     async def counts(self, run_id: int) -> dict[JobState, int]:
-        async with self._tx() as conn:
+        async with self._reading() as conn:
             rows = await conn.execute(
                 select(jobs.c.state, func.count())
                 .where(jobs.c.run_id == run_id, jobs.c.in_manifest.is_(True))
@@ -1026,7 +1041,7 @@ class Store:
 
     async def endpoint_counts(self, run_id: int) -> dict[str, dict[str, int]]:
         """Per endpoint URL: attempts by state."""
-        async with self._tx() as conn:
+        async with self._reading() as conn:
             rows = await conn.execute(
                 select(endpoints.c.url, attempts.c.state, func.count())
                 .select_from(attempts.join(endpoints, attempts.c.endpoint_id == endpoints.c.id))
@@ -1039,7 +1054,7 @@ class Store:
             return result
 
     async def failures(self, run_id: int, limit: int = 50) -> list[Failure]:
-        async with self._tx() as conn:
+        async with self._reading() as conn:
             rows = await conn.execute(
                 select(jobs)
                 .where(
@@ -1058,7 +1073,7 @@ class Store:
 
     async def recent_failures(self, run_id: int, limit: int = 5) -> list[Failure]:
         """The latest failed or retry-waiting jobs, newest first (the live display)."""
-        async with self._tx() as conn:
+        async with self._reading() as conn:
             rows = await conn.execute(
                 select(jobs)
                 .where(
@@ -1078,7 +1093,7 @@ class Store:
         ``since``, the earliest start and the latest finish among them; throughput and ETA
         are computed from these."""
         start = func.min(func.coalesce(attempts.c.started_at, attempts.c.submitted_at))
-        async with self._tx() as conn:
+        async with self._reading() as conn:
             rows = await conn.execute(
                 select(endpoints.c.url, func.count(), start, func.max(attempts.c.finished_at))
                 .select_from(attempts.join(endpoints, attempts.c.endpoint_id == endpoints.c.id))
@@ -1099,7 +1114,7 @@ class Store:
         """Every job with its last attempt's endpoint and prompt id, in manifest order."""
         last_line, last_id = -1, 0
         while True:
-            async with self._tx() as conn:
+            async with self._reading() as conn:
                 latest = (
                     select(attempts.c.job_id, func.max(attempts.c.number).label("number"))
                     .group_by(attempts.c.job_id)
@@ -1147,7 +1162,7 @@ class Store:
     # ---------------------------------------------------------------- runners (shared database)
 
     async def runner_named(self, run_id: int, name: str) -> RunnerRecord | None:
-        async with self._tx() as conn:
+        async with self._reading() as conn:
             row = (
                 await conn.execute(
                     select(runners).where(runners.c.run_id == run_id, runners.c.name == name)
@@ -1269,7 +1284,7 @@ class Store:
 
     async def held_elsewhere(self, run_id: int, runner_id: int) -> int:
         """Active jobs of this run held by other runners (alive, or not yet taken over)."""
-        async with self._tx() as conn:
+        async with self._reading() as conn:
             return int(
                 (
                     await conn.execute(
@@ -1290,7 +1305,7 @@ class Store:
         """Job durations and queue waits that ended after ``since`` (on a shared database,
         of ``runner_id``'s jobs, so runners' histograms add up without double counting)."""
         mine = jobs.c.runner_id == runner_id if runner_id is not None else jobs.c.id.is_not(None)
-        async with self._tx() as conn:
+        async with self._reading() as conn:
             done = (
                 await conn.execute(
                     select(jobs.c.started_at, jobs.c.finished_at).where(
@@ -1324,7 +1339,7 @@ class Store:
     async def failure_reasons(self, run_id: int) -> dict[str, int]:
         """Attempts that ended in an error, by its kind (every runner's)."""
         ended = [AttemptState.FAILED.value, AttemptState.LOST.value, AttemptState.ABANDONED.value]
-        async with self._tx() as conn:
+        async with self._reading() as conn:
             rows = await conn.execute(
                 select(attempts.c.error_kind, func.count())
                 .select_from(attempts.join(jobs, attempts.c.job_id == jobs.c.id))
@@ -1334,7 +1349,7 @@ class Store:
             return {kind or "unknown": n for kind, n in rows}
 
 
-async def _latest_attempt(conn: AsyncConnection, job_id: int) -> AttemptRecord:
+async def _latest_attempt(conn: Reader, job_id: int) -> AttemptRecord:
     row = (
         await conn.execute(
             select(attempts)
@@ -1344,6 +1359,12 @@ async def _latest_attempt(conn: AsyncConnection, job_id: int) -> AttemptRecord:
         )
     ).one()
     return AttemptRecord.from_row(row)
+
+
+def _rejected(job_id: int, current: str | None, to: JobState) -> TransitionRejected:
+    return TransitionRejected(
+        f"job {job_id}: cannot move from {current or 'missing'} to {to.value}"
+    )
 
 
 def _pending(run_id: int) -> ColumnElement[bool]:

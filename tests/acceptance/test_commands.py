@@ -22,7 +22,15 @@ from tests.acceptance.conftest import cli, count_state, start_cli, wait_for
 from tests.helpers import make_image, write_csv
 
 COMMANDS = {
-    "run", "status", "retry", "export", "validate", "emulate", "cancel", "workflow", "report",
+    "run",
+    "status",
+    "retry",
+    "export",
+    "validate",
+    "emulate",
+    "cancel",
+    "workflow",
+    "report",
 }
 
 

@@ -31,7 +31,7 @@ def _crash_loop(tmp_path: Path, kind: str, points: range) -> Tally:
 
 
 @pytest.mark.parametrize(
-    ("kind", "points"), [("commit", range(3, 400, 17)), ("http", range(2, 60, 4))]
+    ("kind", "points"), [("commit", range(3, 400, 7)), ("http", range(2, 60, 2))]
 )
 def test_kill_at_sampled_crash_points(tmp_path: Path, kind: str, points: range) -> None:
     tally = _crash_loop(tmp_path, kind, points)

@@ -67,13 +67,16 @@ def assert_each_job_ran_once(db: str, urls: list[str], n: int) -> None:
 def test_three_runners_share_three_endpoints_and_run_each_job_once(
     tmp_path: Path, pg_url: str, emulators: Callable[..., list[str]]
 ) -> None:
-    manifest(tmp_path, 24)
-    urls = emulators(3, step_ms=40)
+    # The runner that just finished a job claims the next one at once, while the others look
+    # every SHARED_RECHECK_S: they get work in the moments an endpoint is free between two
+    # jobs, so many short jobs (rather than fewer long ones) give them those moments.
+    manifest(tmp_path, 48)
+    urls = emulators(3, step_ms=20)
     procs = [runner(tmp_path, pg_url, f"r{i}", urls, "--max-inflight", "1") for i in range(3)]
     for proc in procs:
         code, err = finish(proc)
         assert code == 0, err
-    assert_each_job_ran_once(pg_url, urls, 24)
+    assert_each_job_ran_once(pg_url, urls, 48)
     workers = query(pg_url, "SELECT runner_id, count(*) FROM jobs GROUP BY runner_id")
     assert len(workers) >= 2, "SKIP LOCKED claims should spread the jobs over the runners"
     stopped = query(pg_url, "SELECT name FROM runners WHERE stopped_at IS NOT NULL")

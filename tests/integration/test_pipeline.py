@@ -10,6 +10,8 @@ import json
 from contextlib import AsyncExitStack
 from pathlib import Path
 
+import pytest
+
 from batch_runner import export
 from batch_runner.emulator import Emulator, EmulatorConfig, Faults
 from batch_runner.runner import RunSummary, run_batch, template_for
@@ -210,3 +212,26 @@ async def test_cached_run_still_gets_its_own_output_file(tmp_path: Path) -> None
     # The second prompt was served from the server's cache and named the first one's file.
     assert first.read_bytes() == twin.read_bytes()
     assert decoded_frames(twin)[0] == 5
+
+
+async def test_a_success_the_socket_reported_whole_is_not_looked_up_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from batch_runner.comfy.client import ComfyClient
+
+    looked_up: list[str] = []
+    history = ComfyClient.history
+
+    async def counting(self: ComfyClient, prompt_id: str) -> object:
+        looked_up.append(prompt_id)
+        return await history(self, prompt_id)
+
+    monkeypatch.setattr(ComfyClient, "history", counting)
+    manifest = mixed_manifest(tmp_path)
+    async with AsyncExitStack() as stack:
+        [emulator] = await start(stack, FAST)
+        settings = settings_for(manifest, [emulator.url])
+        summary = await run(settings)
+    assert summary.counts[JobState.SUCCEEDED] == 6
+    # The socket said success and named the video: GET /history would only repeat it.
+    assert looked_up == []

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import os
+import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 
+import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import create_engine
 
+from batch_runner.errors import SchemaError
 from batch_runner.store import Store
 from batch_runner.store.models import metadata
 
@@ -23,3 +29,48 @@ async def test_migrated_schema_matches_models(tmp_path: Path) -> None:
     finally:
         engine.dispose()
     assert diff == []
+
+
+def test_head_revision_is_the_newest_migration() -> None:
+    from alembic.script import ScriptDirectory
+
+    from batch_runner.store.engine import HEAD_REVISION, alembic_config
+
+    assert ScriptDirectory.from_config(alembic_config()).get_heads() == [HEAD_REVISION]
+
+
+async def test_a_current_database_opens_without_alembic(tmp_path: Path) -> None:
+    path = tmp_path / "run.sqlite"
+    async with Store.open(path):
+        pass  # created and migrated
+    script = (
+        "import asyncio, sys\n"
+        "from batch_runner.store import Store\n"
+        "async def main():\n"
+        "    async with Store.open(sys.argv[1]):\n"
+        "        pass\n"
+        "asyncio.run(main())\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'alembic'))\n"
+    )
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(path)],
+        cwd=root,
+        env={**os.environ, "PYTHONPATH": str(root)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert done.stdout.strip() == "[]", done.stdout
+
+
+async def test_a_database_from_a_newer_version_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "run.sqlite"
+    async with Store.open(path):
+        pass
+    with sqlite3.connect(path) as conn:
+        conn.execute("UPDATE alembic_version SET version_num = '9999'")
+    with pytest.raises(SchemaError, match="newer batch-runner"):
+        async with Store.open(path):
+            pass

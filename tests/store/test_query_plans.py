@@ -10,6 +10,7 @@ from typing import Any
 from sqlalchemy import event
 
 from batch_runner.store import NewJob, Store
+from batch_runner.store.sqlite import SqliteBackend
 
 
 async def test_claim_queries_search_the_run_state_index(tmp_path: Path) -> None:
@@ -23,11 +24,16 @@ async def test_claim_queries_search_the_run_state_index(tmp_path: Path) -> None:
         def capture(_c: Any, _cur: Any, statement: str, params: Any, *_rest: Any) -> None:
             seen.append((statement, params))
 
-        event.listen(store._engine.sync_engine, "before_cursor_execute", capture)
+        backend = store._backend
+        assert isinstance(backend, SqliteBackend)
+        engines = (backend.engine, backend.reader_engine)
+        for engine in engines:
+            event.listen(engine, "before_cursor_execute", capture)
         await store.claim(run.id, endpoint.id, avoid_grace=10)
         await store.has_claimable(run.id)
         await store.count_claimable(run.id, 64)
-        event.remove(store._engine.sync_engine, "before_cursor_execute", capture)
+        for engine in engines:
+            event.remove(engine, "before_cursor_execute", capture)
     selects = [
         (s, p) for s, p in seen if s.lstrip().upper().startswith("SELECT") and "FROM jobs" in s
     ]
@@ -57,7 +63,11 @@ async def test_resume_start_up_and_live_display_queries_read_no_row_they_do_not_
         def capture(_c: Any, _cur: Any, statement: str, params: Any, *_rest: Any) -> None:
             seen.append((statement, params))
 
-        event.listen(store._engine.sync_engine, "before_cursor_execute", capture)
+        backend = store._backend
+        assert isinstance(backend, SqliteBackend)
+        engines = (backend.engine, backend.reader_engine)
+        for engine in engines:
+            event.listen(engine, "before_cursor_execute", capture)
         await store.ensure_run("default", "m.csv")
         await store.only_run()
         await store.release_all_preparing(run.id)
@@ -68,7 +78,8 @@ async def test_resume_start_up_and_live_display_queries_read_no_row_they_do_not_
         await store.counts(run.id)
         await store.speeds(run.id, 0.0)
         await store.recent_failures(run.id)
-        event.remove(store._engine.sync_engine, "before_cursor_execute", capture)
+        for engine in engines:
+            event.remove(engine, "before_cursor_execute", capture)
     reads = [(s, p) for s, p in seen if s.lstrip().upper().startswith("SELECT")]
     with sqlite3.connect(path) as conn:
         for sql, params in reads:

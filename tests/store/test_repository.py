@@ -46,7 +46,7 @@ async def test_happy_path_is_logged_in_order(store: Store) -> None:
     assert done.state is JobState.SUCCEEDED
     assert done.resolved == {"seed": 5}
     assert done.attempts == 1
-    async with store._engine.connect() as conn:
+    async with store._reading() as conn:
         result = await conn.exec_driver_sql("SELECT to_state FROM job_events ORDER BY id")
         trail = [r[0] for r in result]
     assert trail == ["preparing", "submitted", "running", "fetching", "succeeded"]

@@ -1,0 +1,253 @@
+"""An SQLite run database, driven from the event loop's thread.
+
+With WAL and the write lock taken, a statement only touches memory and the page cache, in
+microseconds; a hop to another thread per statement used to cost more than the statement.
+So statements run where the repository awaits them, on one connection shared by the loop
+and the store's thread (never both at once: the store's lock serialises transactions, and a
+step handed to the thread is waited for even when its caller is cancelled). Only the steps
+that can block go to the thread: a BEGIN IMMEDIATE that has to wait out another program's
+lock (for up to the busy timeout; a free lock is taken at once, on the loop's thread), and
+COMMIT, which waits for fsync.
+
+Reads that are not part of a write go to a second, read-only connection on a thread of its
+own: in WAL mode they see the last commit without taking the write lock, and a long one
+(counts over a million jobs, an export) does not stall the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable, Generator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from sqlalchemy import Connection, Dialect, Executable
+from sqlalchemy.exc import OperationalError
+
+from batch_runner.store import engine as engine_mod
+from batch_runner.store.location import Database
+
+if TYPE_CHECKING:
+    from batch_runner.store.connection import CursorRows, FrozenRows, Rows
+
+T = TypeVar("T")
+
+#: PRAGMA synchronous levels
+FULL = 2
+NORMAL = 1
+
+
+def is_busy(exc: OperationalError) -> bool:
+    """Whether SQLite refused for another connection's lock (SQLITE_BUSY or SQLITE_LOCKED)."""
+    return "locked" in str(exc) or "busy" in str(exc)
+
+
+class _Thread:
+    """One worker thread for one connection."""
+
+    def __init__(self, name: str) -> None:
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix=name)
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        future = asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+        try:
+            return await asyncio.shield(future)
+        except asyncio.CancelledError:
+            # The connection is the thread's until ``fn`` returns: wait for that, so that the
+            # next caller never shares it with this one.
+            while not future.done():
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.wait([future])
+            raise
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+
+class _Begin:
+    """``conn.begin()``: awaited, or entered with ``async with`` (committed at the end,
+    rolled back on an error), as with SQLAlchemy's AsyncConnection."""
+
+    __slots__ = ("_conn",)
+
+    def __init__(self, conn: SqliteConnection) -> None:
+        self._conn = conn
+
+    def __await__(self) -> Generator[Any, Any, None]:
+        return self._conn.start().__await__()
+
+    async def __aenter__(self) -> _Begin:
+        await self._conn.start()
+        return self
+
+    async def __aexit__(self, type_: Any, value: Any, traceback: Any, /) -> None:
+        if type_ is None:
+            await self._conn.commit()
+        else:
+            await self._conn.rollback()
+
+
+class SqliteConnection:
+    """The write connection (a ``connection.Conn``)."""
+
+    __slots__ = ("_level", "_sync", "_thread", "durable")
+
+    def __init__(self, sync: Connection, thread: _Thread) -> None:
+        self._sync = sync
+        self._thread = thread
+        #: whether the next transaction's commit must reach the disk (synchronous=FULL)
+        self.durable = True
+        self._level = FULL  # as the engine sets it on connect
+
+    @property
+    def dialect(self) -> Dialect:
+        return self._sync.dialect
+
+    @property
+    def sync(self) -> Connection:
+        return self._sync
+
+    async def execute(self, statement: Executable, parameters: Any = None) -> CursorRows:
+        if not self._sync.in_transaction():
+            await self.start()
+        return self._sync.execute(statement, parameters)
+
+    async def exec_driver_sql(self, statement: str, parameters: Any = None) -> CursorRows:
+        if not self._sync.in_transaction():
+            await self.start()
+        return self._sync.exec_driver_sql(statement, parameters)
+
+    def begin(self) -> _Begin:
+        return _Begin(self)
+
+    async def start(self) -> None:
+        level = FULL if self.durable else NORMAL
+        try:
+            # Almost always the lock is free (the runner lock keeps other runners out), and
+            # taking it without waiting costs less than a hop to the store's thread.
+            self._begin(level, wait_ms=0)
+        except OperationalError as exc:
+            if not is_busy(exc):
+                raise
+            self._sync.rollback()
+            await self._thread.run(self._begin, level, engine_mod.BUSY_TIMEOUT_MS)
+
+    def _begin(self, level: int, wait_ms: int) -> None:
+        """BEGIN IMMEDIATE, waiting up to ``wait_ms`` for another program's write lock."""
+        # Between transactions, on the driver's connection (SQLAlchemy would begin one).
+        raw = self._sync.connection.dbapi_connection
+        assert raw is not None
+        if level != self._level:
+            raw.execute(f"PRAGMA synchronous={level}")
+            self._level = level
+        if wait_ms == engine_mod.BUSY_TIMEOUT_MS:
+            self._sync.begin()
+            return
+        raw.execute(f"PRAGMA busy_timeout={wait_ms}")
+        try:
+            self._sync.begin()
+        finally:
+            raw.execute(f"PRAGMA busy_timeout={engine_mod.BUSY_TIMEOUT_MS}")
+
+    async def commit(self) -> None:
+        if self._sync.in_transaction():
+            await self._thread.run(self._sync.commit)
+
+    async def rollback(self) -> None:
+        # Nothing to wait for: a rollback drops this transaction's pages and its lock.
+        self._sync.rollback()
+
+
+class SqliteReader:
+    """The read-only connection (a ``connection.Reader``): each statement runs and is
+    fetched whole on the reader's thread, in a read transaction of its own."""
+
+    __slots__ = ("_sync", "_thread")
+
+    def __init__(self, sync: Connection, thread: _Thread) -> None:
+        self._sync = sync
+        self._thread = thread
+
+    @property
+    def dialect(self) -> Dialect:
+        return self._sync.dialect
+
+    async def execute(self, statement: Executable, parameters: Any = None) -> Rows:
+        frozen = await self._thread.run(
+            self._fetch, lambda: self._sync.execute(statement, parameters)
+        )
+        return frozen()
+
+    async def exec_driver_sql(self, statement: str, parameters: Any = None) -> Rows:
+        frozen = await self._thread.run(
+            self._fetch, lambda: self._sync.exec_driver_sql(statement, parameters)
+        )
+        return frozen()
+
+    def close(self) -> None:
+        self._sync.close()
+
+    def _fetch(self, run: Callable[[], CursorRows]) -> FrozenRows:
+        try:
+            return run().freeze()
+        finally:
+            # Ends the read (a snapshot held open would keep checkpoints from finishing).
+            self._sync.rollback()
+
+
+class SqliteBackend:
+    """An SQLite file (a ``connection.Backend``)."""
+
+    def __init__(self, db: Database) -> None:
+        assert db.path is not None
+        self.engine = engine_mod.sqlite_engine(db.path)
+        self.reader_engine = engine_mod.sqlite_engine(db.path, read_only=True)
+        self._thread = _Thread("store")
+        self._read_thread = _Thread("store-read")
+        self._conn: SqliteConnection | None = None
+        self._reader: SqliteReader | None = None
+
+    async def _connection(self) -> SqliteConnection:
+        if self._conn is None:
+            self._conn = SqliteConnection(await self._thread.run(self.engine.connect), self._thread)
+        return self._conn
+
+    @asynccontextmanager
+    async def writer(self, *, durable: bool = True) -> AsyncIterator[SqliteConnection]:
+        conn = await self._connection()
+        conn.durable = durable
+        try:
+            yield conn
+        finally:
+            conn.durable = True
+            # As a pool does when a connection comes back: nothing stays half done.
+            await conn.rollback()
+
+    @asynccontextmanager
+    async def reader(self) -> AsyncIterator[SqliteReader]:
+        if self._reader is None:
+            self._reader = SqliteReader(
+                await self._read_thread.run(self.reader_engine.connect), self._read_thread
+            )
+        yield self._reader
+
+    async def migrate(self) -> None:
+        conn = await self._connection()
+
+        def upgrade() -> None:
+            with conn.sync.begin():
+                engine_mod.migrate(conn.sync)
+
+        await self._thread.run(upgrade)
+
+    async def dispose(self) -> None:
+        if self._conn is not None:
+            await self._thread.run(self._conn.sync.close)
+        if self._reader is not None:
+            await self._read_thread.run(self._reader.close)
+        self._thread.close()
+        self._read_thread.close()
+        self.engine.dispose()
+        self.reader_engine.dispose()
