@@ -11,6 +11,7 @@ from typing import IO, TYPE_CHECKING, Any
 
 from sqlalchemy import Connection, Engine, event, inspect, text
 from sqlalchemy import create_engine as sa_create_engine
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from batch_runner.errors import RunLocked, SchemaError
 
@@ -41,13 +42,13 @@ def alembic_config() -> Config:
     return cfg
 
 
-def sqlite_engine(path: Path, *, read_only: bool = False) -> Engine:
-    """An engine over one SQLite connection: SQLite allows one writer, and one connection also
-    avoids the WAL-reset corruption bug that concurrent writers trigger on SQLite < 3.44.6.
+def sqlite_engine(path: Path) -> Engine:
+    """The engine of the store's write connection: one SQLite connection, since SQLite allows
+    one writer, and one connection also avoids the WAL-reset corruption bug that concurrent
+    writers trigger on SQLite < 3.44.6.
 
     The store uses the connection from its event loop's thread and its own thread in turn,
-    never both at once, hence ``check_same_thread=False``. A ``read_only`` engine is the
-    store's second connection, for reads that must not take the write lock.
+    never both at once, hence ``check_same_thread=False``.
     """
     engine = sa_create_engine(
         f"sqlite:///{path}",
@@ -62,22 +63,35 @@ def sqlite_engine(path: Path, *, read_only: bool = False) -> Engine:
         # Take transaction control away from the driver so BEGIN IMMEDIATE below is the only BEGIN.
         dbapi_conn.isolation_level = None
         cur = dbapi_conn.cursor()
-        if read_only:
-            cur.execute("PRAGMA query_only=ON")
-        else:
-            cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA journal_mode=WAL")
         # FULL: a commit that returned survives power loss; the write-ahead rule relies on it.
         cur.execute("PRAGMA synchronous=FULL")
         cur.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
         cur.execute("PRAGMA foreign_keys=ON")
         cur.close()
 
-    if not read_only:
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Connection) -> None:
+        # Take the write lock up front; a deferred upgrade fails at once with SQLITE_BUSY.
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
 
-        @event.listens_for(engine, "begin")
-        def _on_begin(conn: Connection) -> None:
-            # Take the write lock up front; a deferred upgrade fails at once with SQLITE_BUSY.
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
+    return engine
+
+
+def sqlite_reader_engine(path: Path) -> AsyncEngine:
+    """The engine of the store's read connection: SQLAlchemy's async engine on aiosqlite, so
+    a long read (counts over a million jobs, an export) runs on aiosqlite's thread while the
+    loop goes on. In WAL mode it sees the last commit and never takes the write lock."""
+    engine = create_async_engine(
+        f"sqlite+aiosqlite:///{path}", pool_size=1, max_overflow=0, pool_timeout=3600
+    )
+
+    @event.listens_for(engine.sync_engine, "connect")
+    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA query_only=ON")
+        cur.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+        cur.close()
 
     return engine
 

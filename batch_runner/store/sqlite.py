@@ -9,9 +9,10 @@ that can block go to the thread: a BEGIN IMMEDIATE that has to wait out another 
 lock (for up to the busy timeout; a free lock is taken at once, on the loop's thread), and
 COMMIT, which waits for fsync.
 
-Reads that are not part of a write go to a second, read-only connection on a thread of its
-own: in WAL mode they see the last commit without taking the write lock, and a long one
-(counts over a million jobs, an export) does not stall the loop.
+Reads that are not part of a write go to a second, read-only connection, through
+SQLAlchemy's async engine on aiosqlite: in WAL mode they see the last commit without taking
+the write lock, and a long one (counts over a million jobs, an export) runs on aiosqlite's
+thread without stalling the loop.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from batch_runner.store import engine as engine_mod
 from batch_runner.store.location import Database
 
 if TYPE_CHECKING:
-    from batch_runner.store.connection import CursorRows, FrozenRows, Rows
+    from batch_runner.store.connection import CursorRows, Reader
 
 T = TypeVar("T")
 
@@ -160,54 +161,15 @@ class SqliteConnection:
         self._sync.rollback()
 
 
-class SqliteReader:
-    """The read-only connection (a ``connection.Reader``): each statement runs and is
-    fetched whole on the reader's thread, in a read transaction of its own."""
-
-    __slots__ = ("_sync", "_thread")
-
-    def __init__(self, sync: Connection, thread: _Thread) -> None:
-        self._sync = sync
-        self._thread = thread
-
-    @property
-    def dialect(self) -> Dialect:
-        return self._sync.dialect
-
-    async def execute(self, statement: Executable, parameters: Any = None) -> Rows:
-        frozen = await self._thread.run(
-            self._fetch, lambda: self._sync.execute(statement, parameters)
-        )
-        return frozen()
-
-    async def exec_driver_sql(self, statement: str, parameters: Any = None) -> Rows:
-        frozen = await self._thread.run(
-            self._fetch, lambda: self._sync.exec_driver_sql(statement, parameters)
-        )
-        return frozen()
-
-    def close(self) -> None:
-        self._sync.close()
-
-    def _fetch(self, run: Callable[[], CursorRows]) -> FrozenRows:
-        try:
-            return run().freeze()
-        finally:
-            # Ends the read (a snapshot held open would keep checkpoints from finishing).
-            self._sync.rollback()
-
-
 class SqliteBackend:
     """An SQLite file (a ``connection.Backend``)."""
 
     def __init__(self, db: Database) -> None:
         assert db.path is not None
         self.engine = engine_mod.sqlite_engine(db.path)
-        self.reader_engine = engine_mod.sqlite_engine(db.path, read_only=True)
+        self.reader_engine = engine_mod.sqlite_reader_engine(db.path)
         self._thread = _Thread("store")
-        self._read_thread = _Thread("store-read")
         self._conn: SqliteConnection | None = None
-        self._reader: SqliteReader | None = None
 
     async def _connection(self) -> SqliteConnection:
         if self._conn is None:
@@ -226,12 +188,11 @@ class SqliteBackend:
             await conn.rollback()
 
     @asynccontextmanager
-    async def reader(self) -> AsyncIterator[SqliteReader]:
-        if self._reader is None:
-            self._reader = SqliteReader(
-                await self._read_thread.run(self.reader_engine.connect), self._read_thread
-            )
-        yield self._reader
+    async def reader(self) -> AsyncIterator[Reader]:
+        # Returned to the pool at the end, which ends the read: a snapshot held open would
+        # keep checkpoints from finishing.
+        async with self.reader_engine.connect() as conn:
+            yield conn
 
     async def migrate(self) -> None:
         conn = await self._connection()
@@ -245,9 +206,6 @@ class SqliteBackend:
     async def dispose(self) -> None:
         if self._conn is not None:
             await self._thread.run(self._conn.sync.close)
-        if self._reader is not None:
-            await self._read_thread.run(self._reader.close)
         self._thread.close()
-        self._read_thread.close()
         self.engine.dispose()
-        self.reader_engine.dispose()
+        await self.reader_engine.dispose()

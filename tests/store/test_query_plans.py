@@ -26,7 +26,7 @@ async def test_claim_queries_search_the_run_state_index(tmp_path: Path) -> None:
 
         backend = store._backend
         assert isinstance(backend, SqliteBackend)
-        engines = (backend.engine, backend.reader_engine)
+        engines = (backend.engine, backend.reader_engine.sync_engine)
         for engine in engines:
             event.listen(engine, "before_cursor_execute", capture)
         await store.claim(run.id, endpoint.id, avoid_grace=10)
@@ -65,7 +65,7 @@ async def test_resume_start_up_and_live_display_queries_read_no_row_they_do_not_
 
         backend = store._backend
         assert isinstance(backend, SqliteBackend)
-        engines = (backend.engine, backend.reader_engine)
+        engines = (backend.engine, backend.reader_engine.sync_engine)
         for engine in engines:
             event.listen(engine, "before_cursor_execute", capture)
         await store.ensure_run("default", "m.csv")
