@@ -116,15 +116,26 @@ def _rows(path: Path, template: TemplateBook) -> Iterator[NewJob]:
             yield NewJob(key, item.line, {"invalid": reason}, digest, JobState.SKIPPED, reason)
 
 
+async def load_named_workflows(book: TemplateBook, manifest: Path) -> None:
+    """Load every workflow the manifest's rows name, so checks and fingerprints cover them."""
+    names = await asyncio.to_thread(workflow_names, manifest)
+    await asyncio.to_thread(book.preload, names)
+
+
 async def ingest(
-    store: Store, run_id: int, settings: RunSettings, templates: WorkflowTemplate | TemplateBook
+    store: Store,
+    run_id: int,
+    settings: RunSettings,
+    templates: WorkflowTemplate | TemplateBook,
+    *,
+    workflows_loaded: bool = False,
 ) -> tuple[IngestReport, list[ManifestProblem]]:
     """Validate then take in the manifest, unless it is unchanged since the last full ingest."""
     template = as_book(templates, settings)
     run = await store.only_run()
     stamp = await asyncio.to_thread(manifest_stamp, settings.manifest)
-    # Every workflow the rows name is loaded first, so the fingerprint covers them all.
-    await asyncio.to_thread(template.preload, workflow_names(settings.manifest))
+    if not workflows_loaded:
+        await load_named_workflows(template, settings.manifest)
     fingerprint = template.fingerprint()
     unchanged = (
         run is not None and run.manifest_stamp == stamp and run.workflow_fingerprint == fingerprint
@@ -175,6 +186,13 @@ async def _serve_metrics(
     return asyncio.create_task(metrics.keep_fresh(), name="metrics")
 
 
+async def _wind_down(task: asyncio.Task[Any]) -> None:
+    """Cancel ``task`` if it is still running and wait for it; its outcome was either used
+    already or is moot (the run failed before it was needed)."""
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+
+
 async def run_batch(
     settings: RunSettings,
     templates: WorkflowTemplate | TemplateBook,
@@ -184,9 +202,15 @@ async def run_batch(
     template = as_book(templates, settings)
     settings.output_dir.mkdir(parents=True, exist_ok=True)
     async with AsyncExitStack() as stack:
+        await load_named_workflows(template, settings.manifest)
+        # The endpoints are checked while the database opens and the manifest is taken in.
+        preflight = asyncio.create_task(
+            usable_endpoints(settings.endpoints, template), name="preflight"
+        )
+        stack.push_async_callback(_wind_down, preflight)
         store = await stack.enter_async_context(Store.open(settings.db))
         run = await store.ensure_run(RUN_KEY, str(settings.manifest))
-        report, skipped = await ingest(store, run.id, settings, template)
+        report, skipped = await ingest(store, run.id, settings, template, workflows_loaded=True)
         if report.changed:
             log.warning(
                 "%d row(s) changed since they ran and keep their earlier result "
@@ -206,7 +230,7 @@ async def run_batch(
 
         lanes = []
         # Endpoints that answer but cannot run the workflow are left out before any job starts.
-        for ep in await usable_endpoints(settings.endpoints, template):
+        for ep in await preflight:
             record = await store.ensure_endpoint(run.id, ep.url)
             if member is not None:
                 record = member.endpoint_view(record)
