@@ -106,6 +106,9 @@ def migrate(conn: Connection) -> None:
         conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK_KEY})")
     if current_revision(conn) == HEAD_REVISION:
         return
+    if conn.dialect.name == "sqlite" and not inspect(conn).get_table_names():
+        create_current(conn)
+        return
     from alembic import command
     from alembic.runtime.migration import MigrationContext
     from alembic.script import ScriptDirectory
@@ -122,6 +125,24 @@ def migrate(conn: Connection) -> None:
     if current != set(scripts.get_heads()):
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, "head")
+
+
+def create_current(conn: Connection) -> None:
+    """Give a new, empty SQLite file today's schema straight from the models, stamped with the
+    newest revision: what running every migration gives (a test compares the two), in a few
+    milliseconds instead of a tenth of a second, and without importing Alembic. (A shared
+    PostgreSQL database is created once for many runs; it keeps the migrations.)"""
+    from batch_runner.store.models import metadata
+
+    metadata.create_all(conn)
+    # Alembic's own layout of its table, so later migrations find the revision as usual.
+    conn.exec_driver_sql(
+        "CREATE TABLE alembic_version (version_num VARCHAR(32) NOT NULL, "
+        "CONSTRAINT alembic_version_pkc PRIMARY KEY (version_num))"
+    )
+    conn.execute(
+        text("INSERT INTO alembic_version (version_num) VALUES (:v)"), {"v": HEAD_REVISION}
+    )
 
 
 def current_revision(conn: Connection) -> str | None:

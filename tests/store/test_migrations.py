@@ -1,4 +1,4 @@
-"""The migrations produce exactly the models, and apply to a fresh file on open."""
+"""The migrations produce exactly the models; a new file gets the same schema on open."""
 
 from __future__ import annotations
 
@@ -18,17 +18,48 @@ from batch_runner.store import Store
 from batch_runner.store.models import metadata
 
 
-async def test_migrated_schema_matches_models(tmp_path: Path) -> None:
-    path = tmp_path / "run.sqlite"
-    async with Store.open(path):
-        pass
+def _schema_diff(path: Path) -> list[object]:
     engine = create_engine(f"sqlite:///{path}")
     try:
         with engine.connect() as conn:
-            diff = compare_metadata(MigrationContext.configure(conn), metadata)
+            return list(compare_metadata(MigrationContext.configure(conn), metadata))
     finally:
         engine.dispose()
-    assert diff == []
+
+
+def _revision(path: Path) -> list[str]:
+    with sqlite3.connect(path) as conn:
+        return [v for (v,) in conn.execute("SELECT version_num FROM alembic_version")]
+
+
+def test_migrations_produce_exactly_the_models(tmp_path: Path) -> None:
+    from alembic import command
+
+    from batch_runner.store.engine import HEAD_REVISION, alembic_config
+
+    path = tmp_path / "run.sqlite"
+    engine = create_engine(f"sqlite:///{path}")
+    try:
+        with engine.begin() as conn:
+            cfg = alembic_config()
+            cfg.attributes["connection"] = conn
+            command.upgrade(cfg, "head")
+    finally:
+        engine.dispose()
+    assert _schema_diff(path) == []
+    assert _revision(path) == [HEAD_REVISION]
+
+
+async def test_a_new_file_gets_the_models_schema_stamped_with_the_newest_revision(
+    tmp_path: Path,
+) -> None:
+    from batch_runner.store.engine import HEAD_REVISION
+
+    path = tmp_path / "run.sqlite"
+    async with Store.open(path):
+        pass
+    assert _schema_diff(path) == []
+    assert _revision(path) == [HEAD_REVISION]
 
 
 def test_head_revision_is_the_newest_migration() -> None:
@@ -39,16 +70,15 @@ def test_head_revision_is_the_newest_migration() -> None:
     assert ScriptDirectory.from_config(alembic_config()).get_heads() == [HEAD_REVISION]
 
 
-async def test_a_current_database_opens_without_alembic(tmp_path: Path) -> None:
+def test_a_new_or_current_database_opens_without_alembic(tmp_path: Path) -> None:
     path = tmp_path / "run.sqlite"
-    async with Store.open(path):
-        pass  # created and migrated
     script = (
         "import asyncio, sys\n"
         "from batch_runner.store import Store\n"
         "async def main():\n"
-        "    async with Store.open(sys.argv[1]):\n"
-        "        pass\n"
+        "    for _ in ('create', 'reopen'):\n"
+        "        async with Store.open(sys.argv[1]):\n"
+        "            pass\n"
         "asyncio.run(main())\n"
         "print(sorted(m for m in sys.modules if m.split('.')[0] == 'alembic'))\n"
     )
