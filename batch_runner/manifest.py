@@ -40,7 +40,8 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import lru_cache, partial
-from pathlib import Path
+from operator import attrgetter
+from pathlib import Path, PurePath
 from typing import IO, Any, Final
 
 from PIL import Image
@@ -82,9 +83,30 @@ class JobSpec:
 
         Stored with the job so a later run can tell that a row with the same id changed.
         """
-        data = self.to_json()
-        del data["line"]
-        return hashlib.sha256(_canonical(data).encode("utf-8")).hexdigest()
+        return self.encoded()[1]
+
+    def encoded(self) -> tuple[str, str]:
+        """Return the spec as stored (JSON that ``from_json`` reads, unset fields left out)
+        and its ``content_hash``, without building ``to_json``'s dict.
+
+        The hash is of ``to_json()`` without ``line``, as canonical JSON (keys sorted, no
+        spaces, non-ASCII kept); this writes that text directly, a value at a time.
+        """
+        values = [_json_value(v) for v in _hashed_values(self)]
+        text = ",".join([key + value for key, value in zip(_HASHED_KEYS, values, strict=True)])
+        stored = [f'"line":{self.line}']
+        stored += [
+            key + value
+            for key, value in zip(_HASHED_KEYS, values, strict=True)
+            if value != "null" and value != "[]"
+        ]
+        if self.workflow is not None:
+            # Sorts last ("workflow" > "width"); only when set, as in to_json.
+            workflow = ',"workflow":' + _json_value(self.workflow)
+            text += workflow
+            stored.append(workflow[1:])
+        digest = hashlib.sha256(("{" + text + "}").encode("utf-8")).hexdigest()
+        return "{" + ",".join(stored) + "}", digest
 
     def to_json(self) -> dict[str, object]:
         """Return a JSON-serialisable dict; ``from_json`` reads it back."""
@@ -142,6 +164,43 @@ class JobSpec:
             ),
             workflow=data.get("workflow"),
         )
+
+
+#: ``to_json``'s keys in sorted order, without ``line`` (not hashed) and ``workflow`` (added
+#: only when set); ``test_manifest`` checks them against ``to_json``.
+_HASHED_FIELDS: Final = (
+    "cfg",
+    "fps",
+    "frames",
+    "height",
+    "image",
+    "job_id",
+    "negative_prompt",
+    "node_inputs",
+    "output",
+    "preset",
+    "prompt",
+    "seed",
+    "shift",
+    "steps",
+    "switch_step",
+    "width",
+)
+_HASHED_KEYS: Final = tuple(f'"{name}":' for name in _HASHED_FIELDS)
+_hashed_values: Final = attrgetter(*_HASHED_FIELDS)
+
+
+def _json_value(value: object) -> str:
+    """``value`` as ``_canonical`` writes it; the common scalar types without the encoder."""
+    if value is None:
+        return "null"
+    if type(value) is str:
+        return _encode_str(value)
+    if type(value) is int or type(value) is float:  # finite: the reader rejects inf and nan
+        return repr(value)
+    if isinstance(value, PurePath):
+        return _encode_str(str(value))
+    return _canonical(value)
 
 
 @dataclass(frozen=True)
@@ -341,8 +400,13 @@ def _json_type(value: object) -> str:
     return "a list" if isinstance(value, list) else "an object"
 
 
+_CANONICAL: Final = json.JSONEncoder(sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+# The string encoder that _CANONICAL uses (ensure_ascii=False).
+_encode_str: Final = json.encoder.encode_basestring
+
+
 def _canonical(data: object) -> str:
-    return json.dumps(data, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return _CANONICAL.encode(data)
 
 
 def parse_node_column(name: str) -> tuple[str, str] | None:

@@ -6,10 +6,13 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import operator
 import time
 from collections.abc import Callable, Coroutine, Iterator, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
+from functools import partial
+from operator import attrgetter
 from pathlib import Path
 from typing import Any
 
@@ -77,17 +80,59 @@ def checked_rows(
 ) -> Iterator[JobSpec | RowProblems]:
     """The manifest's rows, each also checked against the workflow it will render into."""
     book = templates if isinstance(templates, TemplateBook) else TemplateBook(templates)
+    check = _SpecCheck(book)
     for item in read_manifest(path):
         if isinstance(item, JobSpec):
-            try:
-                issues = book.for_spec(item).check_spec(item)
-            except WorkflowError as exc:
-                issues = [exc.message]
+            issues = check(item)
             if issues:
                 problems = [ManifestProblem(str(path), item.line, None, i) for i in issues]
                 yield RowProblems(item.line, problems, item.job_id)
                 continue
         yield item
+
+
+#: What ``WorkflowTemplate.check_spec`` asks of a row besides its node inputs: only whether
+#: each of these is set.
+_CHECKED_FIELDS = attrgetter(
+    "negative_prompt",
+    "seed",
+    "preset",
+    "width",
+    "frames",
+    "fps",
+    "steps",
+    "cfg",
+    "shift",
+    "switch_step",
+)
+_unset = partial(operator.is_, None)
+
+
+class _SpecCheck:
+    """Why a row cannot render with its workflow, as ``check_spec`` says.
+
+    Rows without node inputs get the same answer whenever their workflow and the set of
+    fields they set are the same, so that answer is kept (a manifest has few such shapes).
+    """
+
+    def __init__(self, book: TemplateBook) -> None:
+        self._book = book
+        self._known: dict[tuple[object, ...], list[str]] = {}
+
+    def __call__(self, spec: JobSpec) -> list[str]:
+        if spec.node_inputs:
+            return self._check(spec)
+        shape = (spec.workflow, *map(_unset, _CHECKED_FIELDS(spec)))
+        issues = self._known.get(shape)
+        if issues is None:
+            issues = self._known[shape] = self._check(spec)
+        return issues
+
+    def _check(self, spec: JobSpec) -> list[str]:
+        try:
+            return self._book.for_spec(spec).check_spec(spec)
+        except WorkflowError as exc:
+            return [exc.message]
 
 
 def check_manifest(
@@ -104,21 +149,44 @@ def check_manifest(
     return good, problems
 
 
-def _rows(path: Path, template: TemplateBook) -> Iterator[NewJob]:
-    for item in checked_rows(path, template):
-        if isinstance(item, JobSpec):
-            yield NewJob(item.job_id, item.line, item.to_json(), item.content_hash())
-        else:
-            key = item.job_id or f"line-{item.line}"
-            reason = "; ".join(str(p) for p in item.problems)
-            digest = hashlib.sha256(reason.encode()).hexdigest()
-            yield NewJob(key, item.line, {"invalid": reason}, digest, JobState.SKIPPED, reason)
+class _Intake:
+    """The manifest's rows as the store takes them in, checked in the same single pass.
+
+    Every problem is collected in ``problems``. Without ``skip_invalid``, no row is handed
+    over after the first invalid one, but reading goes on to the end so that every problem
+    is found; then ``ManifestError`` is raised from the iteration, inside the store's
+    transaction, so nothing of the ingest is kept.
+    """
+
+    def __init__(self, path: Path, book: TemplateBook, skip_invalid: bool) -> None:
+        self._path = path
+        self._book = book
+        self._skip_invalid = skip_invalid
+        self.problems: list[ManifestProblem] = []
+
+    def __iter__(self) -> Iterator[NewJob]:
+        for item in checked_rows(self._path, self._book):
+            if isinstance(item, JobSpec):
+                if self._skip_invalid or not self.problems:
+                    text, digest = item.encoded()
+                    yield NewJob(item.job_id, item.line, text, digest)
+                continue
+            self.problems.extend(item.problems)
+            if self._skip_invalid:
+                key = item.job_id or f"line-{item.line}"
+                reason = "; ".join(str(p) for p in item.problems)
+                digest = hashlib.sha256(reason.encode()).hexdigest()
+                yield NewJob(key, item.line, {"invalid": reason}, digest, JobState.SKIPPED, reason)
+        if self.problems and not self._skip_invalid:
+            raise ManifestError(self.problems)
 
 
 async def ingest(
     store: Store, run_id: int, settings: RunSettings, templates: WorkflowTemplate | TemplateBook
 ) -> tuple[IngestReport, list[ManifestProblem]]:
-    """Validate then take in the manifest, unless it is unchanged since the last full ingest."""
+    """Validate and take in the manifest in one pass, unless it is unchanged since the last
+    full ingest. With an invalid row (and no ``--skip-invalid``) nothing is kept and
+    ``ManifestError`` lists every problem of the file."""
     template = as_book(templates, settings)
     run = await store.only_run()
     stamp = await asyncio.to_thread(manifest_stamp, settings.manifest)
@@ -130,14 +198,10 @@ async def ingest(
     )
     if unchanged and not settings.rerun_changed:
         return IngestReport(), []
-    _good, problems = await asyncio.to_thread(check_manifest, settings.manifest, template)
-    if problems and not settings.skip_invalid:
-        raise ManifestError(problems)
-    report = await store.ingest(
-        run_id, _rows(settings.manifest, template), rerun_changed=settings.rerun_changed
-    )
+    rows = _Intake(settings.manifest, template, settings.skip_invalid)
+    report = await store.ingest(run_id, rows, rerun_changed=settings.rerun_changed)
     await store.set_run_stamps(run_id, manifest_stamp=stamp, workflow_fingerprint=fingerprint)
-    return report, problems
+    return report, rows.problems
 
 
 async def verify_succeeded(store: Store, run_id: int) -> int:

@@ -109,7 +109,8 @@ class NewJob:
 
     key: str
     line: int
-    spec: dict[str, Any]
+    #: the row's spec, or its JSON text when the caller encoded it already
+    spec: dict[str, Any] | str
     content_hash: str
     state: JobState = JobState.PENDING
     error: str | None = None
