@@ -92,21 +92,21 @@ class JobSpec:
         The hash is of ``to_json()`` without ``line``, as canonical JSON (keys sorted, no
         spaces, non-ASCII kept); this writes that text directly, a value at a time.
         """
-        values = [_json_value(v) for v in _hashed_values(self)]
-        text = ",".join([key + value for key, value in zip(_HASHED_KEYS, values, strict=True)])
-        stored = [f'"line":{self.line}']
+        values = list(map(_json_value, _hashed_values(self)))
+        text = _HASHED_TEMPLATE % tuple(values)
+        stored = [f'{{"line":{self.line}']
         stored += [
-            key + value
-            for key, value in zip(_HASHED_KEYS, values, strict=True)
-            if value != "null" and value != "[]"
+            key + v
+            for key, v in zip(_HASHED_KEYS, values, strict=True)
+            if v != "null" and v != "[]"
         ]
         if self.workflow is not None:
             # Sorts last ("workflow" > "width"); only when set, as in to_json.
-            workflow = ',"workflow":' + _json_value(self.workflow)
-            text += workflow
-            stored.append(workflow[1:])
-        digest = hashlib.sha256(("{" + text + "}").encode("utf-8")).hexdigest()
-        return "{" + ",".join(stored) + "}", digest
+            workflow = '"workflow":' + _json_value(self.workflow)
+            text += "," + workflow
+            stored.append(workflow)
+        digest = hashlib.sha256((text + "}").encode("utf-8")).hexdigest()
+        return ",".join(stored) + "}", digest
 
     def to_json(self) -> dict[str, object]:
         """Return a JSON-serialisable dict; ``from_json`` reads it back."""
@@ -187,6 +187,8 @@ _HASHED_FIELDS: Final = (
     "width",
 )
 _HASHED_KEYS: Final = tuple(f'"{name}":' for name in _HASHED_FIELDS)
+#: The hashed text up to its closing brace, a ``%s`` for each value.
+_HASHED_TEMPLATE: Final = "{" + ",".join(f"{key}%s" for key in _HASHED_KEYS)
 _hashed_values: Final = attrgetter(*_HASHED_FIELDS)
 
 
@@ -200,6 +202,8 @@ def _json_value(value: object) -> str:
         return repr(value)
     if isinstance(value, PurePath):
         return _encode_str(str(value))
+    if value == ():  # no node inputs
+        return "[]"
     return _canonical(value)
 
 
@@ -475,6 +479,67 @@ class _SeenTable:
                 lines[slot] = line
 
 
+class UniqueNames:
+    """Ids and output names seen so far, in file order.
+
+    They share one namespace: a row's output file is named by its output name, else by
+    its id, and file systems may ignore case.
+    """
+
+    def __init__(self, display: str) -> None:
+        self._display = display
+        self._seen = _SeenTable()
+
+    def check(
+        self, line: int, explicit_id: str | None, job_id: str | None, output: str | None
+    ) -> list[ManifestProblem]:
+        """Record the row's names; return the problems of those used before (usually none).
+
+        ``job_id`` is the explicit id, else the derived one (a row without problems), else None.
+        """
+        problems = []
+        if explicit_id is not None:
+            first = self._seen.add(explicit_id.casefold(), line)
+            if first is not None:
+                reason = (
+                    f"id {explicit_id!r} is already used on line {first} "
+                    "(ids and output names must be unique, compared ignoring case)"
+                )
+                problems.append(ManifestProblem(self._display, line, "id", reason))
+        elif job_id is not None:
+            first = self._seen.add(job_id, line)
+            if first is not None:
+                reason = (
+                    f"same content as line {first}: rows without an id get one from their "
+                    "content, so identical rows are duplicates (add an id column)"
+                )
+                problems.append(ManifestProblem(self._display, line, None, reason))
+        if output is not None and output.casefold() != (job_id or "").casefold():
+            first = self._seen.add(output.casefold(), line)
+            if first is not None:
+                reason = (
+                    f"output name {output!r} is already used on line {first} "
+                    "(ids and output names must be unique, compared ignoring case)"
+                )
+                problems.append(ManifestProblem(self._display, line, "output", reason))
+        return problems
+
+
+@dataclass(slots=True)
+class RowDraft:
+    """A row checked on its own, before the checks that need the rows before it (duplicate
+    ids and output names)."""
+
+    line: int
+    problems: list[ManifestProblem]
+    explicit_id: str | None = None
+    #: the explicit id, else the derived one when the row has no problems
+    job_id: str | None = None
+    output: str | None = None
+    #: when the row has no problems
+    spec: JobSpec | None = None
+
+
 # ----------------------------------------------------------------------------- public entry points
 
 
@@ -566,10 +631,13 @@ def _open_text(path: Path) -> IO[str]:
     return path.open(encoding="utf-8-sig", errors="surrogateescape", newline="")
 
 
-def _bounded_lines(handle: IO[str], recent: deque[str], long_lines: list[int]) -> Iterator[str]:
-    """The file's lines, each at most MAX_LINE_CHARS; longer ones are noted and replaced."""
+def _bounded_lines(
+    handle: IO[str], recent: deque[str], long_lines: list[int], before: int = 0
+) -> Iterator[str]:
+    """The file's lines, each at most MAX_LINE_CHARS; longer ones are noted (numbered after
+    the ``before`` lines that precede the text) and replaced."""
     readline = handle.readline
-    for number, line in enumerate(iter(partial(readline, MAX_LINE_CHARS), ""), start=1):
+    for number, line in enumerate(iter(partial(readline, MAX_LINE_CHARS), ""), start=before + 1):
         if len(line) == MAX_LINE_CHARS and not line.endswith("\n"):
             while (rest := readline(MAX_LINE_CHARS)) and not rest.endswith("\n"):
                 pass
@@ -753,9 +821,7 @@ class _RowReader:
         self._display = display
         self._base = os.path.abspath(path.parent)
         self._check_images = check_images
-        # Ids and output names share one namespace: a row's output file is named by its
-        # output name, else by its id, and file systems may ignore case.
-        self._names = _SeenTable()
+        self._names = UniqueNames(display)
         # Per read, so a file fixed between two reads is seen fresh; bounded for huge manifests.
         self._image = lru_cache(maxsize=65_536)(self._probe_image)
         self._node_columns: dict[str, tuple[str, str] | None] = {}
@@ -767,6 +833,15 @@ class _RowReader:
 
     def csv_rows(self, columns: list[str]) -> Iterator[JobSpec | RowProblems]:
         """Rows of a CSV file whose header was checked already."""
+        with _open_text(self._path) as handle:
+            yield from map(self.settle, self.csv_drafts(columns, handle, 0))
+
+    def csv_drafts(
+        self, columns: list[str], handle: IO[str], header_lines: int
+    ) -> Iterator[RowDraft]:
+        """The rows of CSV text, each checked on its own: the whole file (``header_lines``
+        0: the header is read and skipped) or a part of its body that starts with a record
+        and follows ``header_lines`` lines."""
         # The header is valid, so each column is either known or a node column (whose
         # converter is never used).
         plan = [
@@ -776,56 +851,68 @@ class _RowReader:
         width = len(columns)
         recent: deque[str] = deque(maxlen=_RECENT_LINES)
         long_lines: list[int] = []
-        with _open_text(self._path) as handle:
-            reader = csv.reader(_bounded_lines(handle, recent, long_lines), strict=True)
+        reader = csv.reader(_bounded_lines(handle, recent, long_lines, header_lines), strict=True)
+        if not header_lines:
             next(reader)
-            end = reader.line_num
-            while True:
-                start = end + 1
-                try:
-                    fields = next(reader)
-                except StopIteration:
-                    return
-                except csv.Error as exc:
-                    end = reader.line_num
-                    yield self._csv_error(columns, start, end, recent, str(exc))
-                    long_lines.clear()
-                    continue
-                end = reader.line_num
-                problems: list[ManifestProblem] = []
-                if long_lines:
-                    problems += [self._problem(n, None, _long_line_reason()) for n in long_lines]
-                    long_lines.clear()
-                joined = "".join(fields)
-                if not joined.isascii() or "\x00" in joined:
-                    problems += self._damaged_fields(start, columns, fields)
-                if len(fields) != width:
-                    if fields and joined.strip():
-                        s = "s" if len(fields) != 1 else ""
-                        reason = f"row has {len(fields)} field{s} but the header has {width}"
-                        problems.append(self._problem(start, None, reason))
-                    if problems:
-                        yield RowProblems(start, problems, None)
-                    continue
-                values: dict[str, Any] = {}
-                nodes: list[tuple[str, str, object]] = []
-                for (name, convert, node), cell in zip(plan, fields, strict=True):
-                    text = cell.strip()
-                    if not text:
-                        continue
-                    if node is not None:
-                        nodes.append((*node, text))
-                        continue
-                    try:
-                        values[name] = convert(text)
-                    except _Bad as bad:
-                        problems.append(self._problem(start, name, str(bad)))
-                if values or nodes or problems:
-                    yield self._finish(start, values, nodes, problems)
+        end = header_lines + reader.line_num
+        while True:
+            start = end + 1
+            try:
+                fields = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as exc:
+                end = header_lines + reader.line_num
+                yield self._csv_error(columns, start, end, recent, str(exc))
+                long_lines.clear()
+                continue
+            end = header_lines + reader.line_num
+            problems: list[ManifestProblem] = []
+            if long_lines:
+                problems += [self._problem(n, None, _long_line_reason()) for n in long_lines]
+                long_lines.clear()
+            joined = "".join(fields)
+            if not joined.isascii() or "\x00" in joined:
+                problems += self._damaged_fields(start, columns, fields)
+            if len(fields) != width:
+                if fields and joined.strip():
+                    s = "s" if len(fields) != 1 else ""
+                    reason = f"row has {len(fields)} field{s} but the header has {width}"
+                    problems.append(self._problem(start, None, reason))
+                if problems:
+                    yield RowDraft(start, problems)
+                continue
+            draft = self._csv_record(start, plan, fields, problems)
+            if draft is not None:
+                yield draft
+
+    def _csv_record(
+        self,
+        line: int,
+        plan: list[tuple[str, Callable[[str], Any], tuple[str, str] | None]],
+        fields: list[str],
+        problems: list[ManifestProblem],
+    ) -> RowDraft | None:
+        values: dict[str, Any] = {}
+        nodes: list[tuple[str, str, object]] = []
+        for (name, convert, node), cell in zip(plan, fields, strict=True):
+            text = cell.strip()
+            if not text:
+                continue
+            if node is not None:
+                nodes.append((*node, text))
+                continue
+            try:
+                values[name] = convert(text)
+            except _Bad as bad:
+                problems.append(self._problem(line, name, str(bad)))
+        if values or nodes or problems:
+            return self._draft(line, values, nodes, problems)
+        return None  # a blank row
 
     def _csv_error(
         self, columns: list[str], start: int, end: int, recent: deque[str], message: str
-    ) -> RowProblems:
+    ) -> RowDraft:
         count = end - start + 1
         column = None
         line = start
@@ -834,7 +921,7 @@ class _RowReader:
             field, offset = _locate_quote_problem(text)
             line = start + text.count("\n", 0, offset)
             column = columns[field] if field < len(columns) else None
-        return RowProblems(line, [self._problem(line, column, _csv_error_reason(message))], None)
+        return RowDraft(line, [self._problem(line, column, _csv_error_reason(message))])
 
     def _damaged_fields(
         self, start: int, columns: list[str], fields: list[str]
@@ -852,6 +939,9 @@ class _RowReader:
 
     def jsonl_rows(self) -> Iterator[JobSpec | RowProblems]:
         """Rows of a JSON Lines file: one object per line."""
+        return map(self.settle, self._jsonl_drafts())
+
+    def _jsonl_drafts(self) -> Iterator[RowDraft]:
         long_lines: list[int] = []
         with _open_text(self._path) as handle:
             lines = _bounded_lines(handle, deque(maxlen=1), long_lines)
@@ -863,21 +953,21 @@ class _RowReader:
                 elif not text.isascii() or "\x00" in text:
                     reason = _encoding_reason(text)
                 if reason is not None:
-                    yield RowProblems(line, [self._problem(line, None, reason)], None)
+                    yield RowDraft(line, [self._problem(line, None, reason)])
                 elif text.strip():
                     yield self._json_line(line, text)
 
-    def _json_line(self, line: int, text: str) -> JobSpec | RowProblems:
+    def _json_line(self, line: int, text: str) -> RowDraft:
         try:
             record = json.loads(text)
         except json.JSONDecodeError as exc:
             problem = self._problem(line, str(exc.colno), f"invalid JSON: {exc.msg}")
-            return RowProblems(line, [problem], None)
+            return RowDraft(line, [problem])
         except RecursionError:
-            return RowProblems(line, [self._problem(line, None, "JSON nested too deeply")], None)
+            return RowDraft(line, [self._problem(line, None, "JSON nested too deeply")])
         if not isinstance(record, dict):
             reason = f"each line must be a JSON object {{...}}, got {_json_type(record)}"
-            return RowProblems(line, [self._problem(line, None, reason)], None)
+            return RowDraft(line, [self._problem(line, None, reason)])
         values: dict[str, Any] = {}
         nodes: list[tuple[str, str, object]] = []
         problems: list[ManifestProblem] = []
@@ -911,7 +1001,7 @@ class _RowReader:
         for name in REQUIRED_COLUMNS:
             if name not in record:
                 problems.append(self._problem(line, name, f"missing required key {name!r}"))
-        return self._finish(line, values, nodes, problems)
+        return self._draft(line, values, nodes, problems)
 
     def _node_column(self, name: str) -> tuple[str, str] | None:
         try:
@@ -922,14 +1012,24 @@ class _RowReader:
 
     # --- shared
 
-    def _finish(
+    def settle(self, draft: RowDraft) -> JobSpec | RowProblems:
+        """The row's final form, once the rows before it were settled."""
+        problems = self._names.check(draft.line, draft.explicit_id, draft.job_id, draft.output)
+        if problems:
+            draft.problems += problems
+        if draft.problems:
+            return RowProblems(draft.line, draft.problems, draft.explicit_id)
+        assert draft.spec is not None  # a draft without problems has one
+        return draft.spec
+
+    def _draft(
         self,
         line: int,
         values: dict[str, Any],
         nodes: list[tuple[str, str, object]],
         problems: list[ManifestProblem],
-    ) -> JobSpec | RowProblems:
-        """Cross-field checks, image check, id and output uniqueness; build the spec."""
+    ) -> RowDraft:
+        """Cross-field checks, image check and the derived id; build the spec if all is well."""
         reported = {p.column for p in problems} if problems else ()
         prompt = values.get("prompt")
         if prompt is None and "prompt" not in reported:
@@ -951,41 +1051,15 @@ class _RowReader:
             reason = f"switch_step {switch} is after the last step ({values['steps']})"
             problems.append(self._problem(line, "switch_step", reason))
 
-        explicit_id = values.get("id")
+        explicit_id = values.pop("id", None)
         output = values.get("output")
-        job_id = explicit_id
-        if explicit_id is not None:
-            first = self._names.add(explicit_id.casefold(), line)
-            if first is not None:
-                reason = (
-                    f"id {explicit_id!r} is already used on line {first} "
-                    "(ids and output names must be unique, compared ignoring case)"
-                )
-                problems.append(self._problem(line, "id", reason))
-        elif not problems:
-            job_id = _derive_id(image_key, values, nodes)
-            first = self._names.add(job_id, line)
-            if first is not None:
-                reason = (
-                    f"same content as line {first}: rows without an id get one from their "
-                    "content, so identical rows are duplicates (add an id column)"
-                )
-                problems.append(self._problem(line, None, reason))
-        if output is not None and output.casefold() != (job_id or "").casefold():
-            first = self._names.add(output.casefold(), line)
-            if first is not None:
-                reason = (
-                    f"output name {output!r} is already used on line {first} "
-                    "(ids and output names must be unique, compared ignoring case)"
-                )
-                problems.append(self._problem(line, "output", reason))
         if problems:
-            return RowProblems(line, problems, explicit_id)
-        assert job_id is not None and image is not None and prompt is not None  # else a problem
-        values.pop("id", None)
-        values.pop("image")
-        values.pop("prompt")
-        return JobSpec(job_id, line, image, prompt, node_inputs=tuple(nodes), **values)
+            return RowDraft(line, problems, explicit_id, explicit_id, output)
+        job_id = explicit_id or _derive_id(image_key, values, nodes)
+        assert image is not None and prompt is not None  # else a problem
+        del values["image"], values["prompt"]
+        spec = JobSpec(job_id, line, image, prompt, node_inputs=tuple(nodes), **values)
+        return RowDraft(line, problems, explicit_id, job_id, output, spec)
 
     def _probe_image(self, text: str) -> tuple[Path, str, str | None]:
         """Resolve an image path; return (absolute path, id key, problem or None)."""
