@@ -33,6 +33,7 @@ import difflib
 import hashlib
 import json
 import math
+import operator
 import os
 import re
 from array import array
@@ -92,21 +93,18 @@ class JobSpec:
         The hash is of ``to_json()`` without ``line``, as canonical JSON (keys sorted, no
         spaces, non-ASCII kept); this writes that text directly, a value at a time.
         """
-        values = list(map(_json_value, _hashed_values(self)))
-        text = _HASHED_TEMPLATE % tuple(values)
-        stored = [f'{{"line":{self.line}']
-        stored += [
-            key + v
-            for key, v in zip(_HASHED_KEYS, values, strict=True)
-            if v != "null" and v != "[]"
-        ]
+        values = _hashed_values(self)
+        # Texts for this row's shape (which fields are set) have the unset ones written in.
+        shape = (*map(_unset, values), not self.node_inputs, self.workflow is None)
+        forms = _ENCODED_FORMS.get(shape)
+        if forms is None:
+            forms = _encoded_forms(shape)
+        hashed, stored, picks = forms
+        args = [_json_value(values[i]) for i in picks]
         if self.workflow is not None:
-            # Sorts last ("workflow" > "width"); only when set, as in to_json.
-            workflow = '"workflow":' + _json_value(self.workflow)
-            text += "," + workflow
-            stored.append(workflow)
-        digest = hashlib.sha256((text + "}").encode("utf-8")).hexdigest()
-        return ",".join(stored) + "}", digest
+            args.append(_json_value(self.workflow))
+        digest = hashlib.sha256((hashed % tuple(args)).encode("utf-8")).hexdigest()
+        return stored % (self.line, *args), digest
 
     def to_json(self) -> dict[str, object]:
         """Return a JSON-serialisable dict; ``from_json`` reads it back."""
@@ -186,10 +184,38 @@ _HASHED_FIELDS: Final = (
     "switch_step",
     "width",
 )
-_HASHED_KEYS: Final = tuple(f'"{name}":' for name in _HASHED_FIELDS)
-#: The hashed text up to its closing brace, a ``%s`` for each value.
-_HASHED_TEMPLATE: Final = "{" + ",".join(f"{key}%s" for key in _HASHED_KEYS)
 _hashed_values: Final = attrgetter(*_HASHED_FIELDS)
+_unset: Final = partial(operator.is_, None)
+_NODE_INPUTS: Final = _HASHED_FIELDS.index("node_inputs")
+#: Per shape of a spec: (hashed text, stored text, indexes of the values they take) with
+#: ``%`` placeholders. Shapes are few in a manifest; the bound is for hostile ones.
+_ENCODED_FORMS: dict[tuple[bool, ...], tuple[str, str, tuple[int, ...]]] = {}
+_MAX_FORMS: Final = 4096
+
+
+def _encoded_forms(shape: tuple[bool, ...]) -> tuple[str, str, tuple[int, ...]]:
+    *unset, no_nodes, no_workflow = shape
+    hashed: list[str] = []
+    stored = ['{"line":%d']
+    picks: list[int] = []
+    for index, (name, is_unset) in enumerate(zip(_HASHED_FIELDS, unset, strict=True)):
+        if is_unset:
+            hashed.append(f'"{name}":null')
+        elif index == _NODE_INPUTS and no_nodes:
+            hashed.append(f'"{name}":[]')
+        else:
+            hashed.append(f'"{name}":%s')
+            stored.append(f'"{name}":%s')
+            picks.append(index)
+    if not no_workflow:
+        # Sorts last ("workflow" > "width"); only when set, as in to_json.
+        hashed.append('"workflow":%s')
+        stored.append('"workflow":%s')
+    forms = "{" + ",".join(hashed) + "}", ",".join(stored) + "}", tuple(picks)
+    if len(_ENCODED_FORMS) >= _MAX_FORMS:
+        _ENCODED_FORMS.clear()
+    _ENCODED_FORMS[shape] = forms
+    return forms
 
 
 def _json_value(value: object) -> str:
@@ -555,6 +581,15 @@ def read_manifest(path: Path, *, check_images: bool = True) -> Iterator[JobSpec 
     With ``check_images``, each distinct image is opened with Pillow and verified
     in the calling thread; iterate in a worker thread if that matters.
     """
+    reader, columns = open_manifest(path, check_images=check_images)
+    if columns is not None:
+        return reader.csv_rows(columns)
+    return reader.jsonl_rows()
+
+
+def open_manifest(path: Path, *, check_images: bool = True) -> tuple[RowReader, list[str] | None]:
+    """Check the file as a whole (``ManifestError`` as ``read_manifest`` raises it); return
+    a reader for its rows and, for CSV, the header's columns (``None``: JSON Lines)."""
     display = str(path)
     fmt = _EXTENSIONS.get(path.suffix.lower())
     if fmt is None:
@@ -562,13 +597,12 @@ def read_manifest(path: Path, *, check_images: bool = True) -> Iterator[JobSpec 
             [_file_problem(display, "a manifest must end in .csv, .jsonl or .ndjson")]
         )
     _check_file(path, display)
-    reader = _RowReader(path, display, check_images)
+    reader = RowReader(path, display, check_images)
     if fmt == "csv":
         with _open_text(path) as handle:
-            columns = _csv_header(handle, display)
-        return reader.csv_rows(columns)
+            return reader, _csv_header(handle, display)
     _check_jsonl_start(path, display)
-    return reader.jsonl_rows()
+    return reader, None
 
 
 def validate_manifest(
@@ -759,6 +793,9 @@ def _check_jsonl_start(path: Path, display: str) -> None:
 
 # ----------------------------------------------------------------------------- CSV quoting errors
 
+#: Why a CSV record that the end of the text cut inside a quoted field was rejected.
+UNCLOSED_QUOTE: Final = "broken quoting: a quoted field is never closed"
+
 
 def _csv_error_reason(message: str) -> str:
     if "expected after" in message:
@@ -767,7 +804,7 @@ def _csv_error_reason(message: str) -> str:
             '(write a quote inside a quoted field as "")'
         )
     if "unexpected end of data" in message:
-        return "broken quoting: a quoted field is never closed"
+        return UNCLOSED_QUOTE
     if "field larger than field limit" in message:
         return (
             f"a field is longer than {CSV_FIELD_LIMIT:,} characters (often a quote that is "
@@ -813,7 +850,7 @@ def _locate_quote_problem(text: str) -> tuple[int, int]:
 # ----------------------------------------------------------------------------- rows
 
 
-class _RowReader:
+class RowReader:
     """Turns records into specs; holds the state shared across the rows of one read."""
 
     def __init__(self, path: Path, display: str, check_images: bool) -> None:
@@ -939,9 +976,10 @@ class _RowReader:
 
     def jsonl_rows(self) -> Iterator[JobSpec | RowProblems]:
         """Rows of a JSON Lines file: one object per line."""
-        return map(self.settle, self._jsonl_drafts())
+        return map(self.settle, self.jsonl_drafts())
 
-    def _jsonl_drafts(self) -> Iterator[RowDraft]:
+    def jsonl_drafts(self) -> Iterator[RowDraft]:
+        """The rows of a JSON Lines file, each checked on its own."""
         long_lines: list[int] = []
         with _open_text(self._path) as handle:
             lines = _bounded_lines(handle, deque(maxlen=1), long_lines)

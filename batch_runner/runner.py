@@ -4,26 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
-import operator
 import time
 from collections.abc import Callable, Coroutine, Iterator, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
-from functools import partial
-from operator import attrgetter
 from pathlib import Path
 from typing import Any
 
 from batch_runner.config import RunSettings
 from batch_runner.errors import (
     ConfigError,
-    ManifestError,
     ManifestProblem,
-    WorkflowError,
 )
 from batch_runner.fleet import FleetMember, default_name, run_alongside
+from batch_runner.intake import Intake, SpecCheck
 from batch_runner.jobflow import JobFlow
 from batch_runner.lane import Lane
 from batch_runner.manifest import JobSpec, RowProblems, read_manifest, workflow_names
@@ -31,7 +26,7 @@ from batch_runner.planning import Planner
 from batch_runner.preflight import usable_endpoints
 from batch_runner.scheduler import Scheduler
 from batch_runner.states import AttemptState, JobState
-from batch_runner.store import IngestReport, NewJob, Store
+from batch_runner.store import IngestReport, Store
 from batch_runner.workflow import WorkflowTemplate
 from batch_runner.workflows import TemplateBook, as_book, default_template
 
@@ -80,7 +75,7 @@ def checked_rows(
 ) -> Iterator[JobSpec | RowProblems]:
     """The manifest's rows, each also checked against the workflow it will render into."""
     book = templates if isinstance(templates, TemplateBook) else TemplateBook(templates)
-    check = _SpecCheck(book)
+    check = SpecCheck(book)
     for item in read_manifest(path):
         if isinstance(item, JobSpec):
             issues = check(item)
@@ -89,50 +84,6 @@ def checked_rows(
                 yield RowProblems(item.line, problems, item.job_id)
                 continue
         yield item
-
-
-#: What ``WorkflowTemplate.check_spec`` asks of a row besides its node inputs: only whether
-#: each of these is set.
-_CHECKED_FIELDS = attrgetter(
-    "negative_prompt",
-    "seed",
-    "preset",
-    "width",
-    "frames",
-    "fps",
-    "steps",
-    "cfg",
-    "shift",
-    "switch_step",
-)
-_unset = partial(operator.is_, None)
-
-
-class _SpecCheck:
-    """Why a row cannot render with its workflow, as ``check_spec`` says.
-
-    Rows without node inputs get the same answer whenever their workflow and the set of
-    fields they set are the same, so that answer is kept (a manifest has few such shapes).
-    """
-
-    def __init__(self, book: TemplateBook) -> None:
-        self._book = book
-        self._known: dict[tuple[object, ...], list[str]] = {}
-
-    def __call__(self, spec: JobSpec) -> list[str]:
-        if spec.node_inputs:
-            return self._check(spec)
-        shape = (spec.workflow, *map(_unset, _CHECKED_FIELDS(spec)))
-        issues = self._known.get(shape)
-        if issues is None:
-            issues = self._known[shape] = self._check(spec)
-        return issues
-
-    def _check(self, spec: JobSpec) -> list[str]:
-        try:
-            return self._book.for_spec(spec).check_spec(spec)
-        except WorkflowError as exc:
-            return [exc.message]
 
 
 def check_manifest(
@@ -147,38 +98,6 @@ def check_manifest(
         else:
             good += 1
     return good, problems
-
-
-class _Intake:
-    """The manifest's rows as the store takes them in, checked in the same single pass.
-
-    Every problem is collected in ``problems``. Without ``skip_invalid``, no row is handed
-    over after the first invalid one, but reading goes on to the end so that every problem
-    is found; then ``ManifestError`` is raised from the iteration, inside the store's
-    transaction, so nothing of the ingest is kept.
-    """
-
-    def __init__(self, path: Path, book: TemplateBook, skip_invalid: bool) -> None:
-        self._path = path
-        self._book = book
-        self._skip_invalid = skip_invalid
-        self.problems: list[ManifestProblem] = []
-
-    def __iter__(self) -> Iterator[NewJob]:
-        for item in checked_rows(self._path, self._book):
-            if isinstance(item, JobSpec):
-                if self._skip_invalid or not self.problems:
-                    text, digest = item.encoded()
-                    yield NewJob(item.job_id, item.line, text, digest)
-                continue
-            self.problems.extend(item.problems)
-            if self._skip_invalid:
-                key = item.job_id or f"line-{item.line}"
-                reason = "; ".join(str(p) for p in item.problems)
-                digest = hashlib.sha256(reason.encode()).hexdigest()
-                yield NewJob(key, item.line, {"invalid": reason}, digest, JobState.SKIPPED, reason)
-        if self.problems and not self._skip_invalid:
-            raise ManifestError(self.problems)
 
 
 async def ingest(
@@ -198,7 +117,7 @@ async def ingest(
     )
     if unchanged and not settings.rerun_changed:
         return IngestReport(), []
-    rows = _Intake(settings.manifest, template, settings.skip_invalid)
+    rows = Intake(settings.manifest, template, settings.skip_invalid)
     report = await store.ingest(run_id, rows, rerun_changed=settings.rerun_changed)
     await store.set_run_stamps(run_id, manifest_stamp=stamp, workflow_fingerprint=fingerprint)
     return report, rows.problems
