@@ -414,6 +414,8 @@ _CONVERTERS: Final[dict[str, tuple[Callable[[str], Any], Callable[[Any], Any]]]]
     "workflow": _text(_check_workflow),
 }
 KNOWN_COLUMNS: Final = tuple(_CONVERTERS)
+#: CSV cells as they are converted; text taken as it is (the image, node columns) has none.
+_CSV_CONVERTERS: Final = {name: pair[0] for name, pair in _CONVERTERS.items() if name != "image"}
 #: The columns a row's derived id is made of (besides the image), in their historic order.
 _ID_COLUMNS: Final = tuple(c for c in KNOWN_COLUMNS if c not in ("id", "image", "workflow"))
 
@@ -881,10 +883,7 @@ class RowReader:
         and follows ``header_lines`` lines."""
         # The header is valid, so each column is either known or a node column (whose
         # converter is never used).
-        plan = [
-            (name, _CONVERTERS.get(name, _CONVERTERS["image"])[0], parse_node_column(name))
-            for name in columns
-        ]
+        plan = [(name, _CSV_CONVERTERS.get(name), parse_node_column(name)) for name in columns]
         width = len(columns)
         recent: deque[str] = deque(maxlen=_RECENT_LINES)
         long_lines: list[int] = []
@@ -926,7 +925,7 @@ class RowReader:
     def _csv_record(
         self,
         line: int,
-        plan: list[tuple[str, Callable[[str], Any], tuple[str, str] | None]],
+        plan: list[tuple[str, Callable[[str], Any] | None, tuple[str, str] | None]],
         fields: list[str],
         problems: list[ManifestProblem],
     ) -> RowDraft | None:
@@ -936,8 +935,11 @@ class RowReader:
             text = cell.strip()
             if not text:
                 continue
-            if node is not None:
-                nodes.append((*node, text))
+            if convert is None:
+                if node is None:
+                    values[name] = text
+                else:
+                    nodes.append((*node, text))
                 continue
             try:
                 values[name] = convert(text)
