@@ -10,11 +10,13 @@ of rows are the same as when one process reads the whole file.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import multiprocessing
 import operator
 import os
+import signal
 from collections import deque
 from collections.abc import Iterator
 from functools import partial
@@ -43,6 +45,8 @@ PART_BYTES = 1 << 18
 #: A part that needs more than this to end on a whole record (a huge multi-line field):
 #: the rest of the file is read here instead.
 PART_MAX_BYTES = 4 << 20
+#: Seconds a worker gets to end by itself once its pipe is closed.
+_WORKER_EXIT_WAIT = 5.0
 
 # One row as the checks hand it over: (line, problems or None, explicit id, job id, output
 # name, stored spec, content hash, workflow issues or None). Plain tuples: they cross
@@ -223,19 +227,24 @@ class _Parallel:
         try:
             for _ in range(self._workers):
                 mine, theirs = context.Pipe()
+                pipes.append(mine)
                 # Forked, so the worker has the loaded workflows and the checked header.
-                process = context.Process(target=self._work, args=(theirs,), daemon=True)
+                process = context.Process(
+                    target=self._work, args=(theirs, list(pipes)), daemon=True
+                )
                 process.start()
                 theirs.close()
-                pipes.append(mine)
                 processes.append(process)
             yield from self._merge(pipes)
         finally:
+            # A worker sees its pipe close and ends; one still busy is stopped.
             for pipe in pipes:
                 pipe.close()
             for process in processes:
-                process.terminate()
-                process.join()
+                process.join(_WORKER_EXIT_WAIT)
+                if process.is_alive():
+                    process.terminate()
+                    process.join()
 
     def _merge(self, pipes: list[Connection]) -> Iterator[_Row]:
         """Hand parts out round-robin, one at a time per worker; take their rows in order."""
@@ -278,7 +287,12 @@ class _Parallel:
         waiting.append((pipe, offset, before, last))
         return True
 
-    def _work(self, pipe: Connection) -> None:
+    def _work(self, pipe: Connection, parent_ends: list[Connection]) -> None:
+        _leave_signals_to_the_parent()
+        # The copies of the parent's ends forked along would keep this pipe open after
+        # the parent closes it, and the worker would never see its end.
+        for end in parent_ends:
+            end.close()
         try:
             while True:
                 try:
@@ -286,10 +300,25 @@ class _Parallel:
                 except EOFError:
                     return
                 pipe.send(self._intake.part_rows(self._reader, self._columns, data, before))
+        except (BrokenPipeError, EOFError):
+            return  # the parent stopped reading
         except Exception as exc:
-            pipe.send(f"{type(exc).__name__}: {exc}")
+            with contextlib.suppress(OSError):
+                pipe.send(f"{type(exc).__name__}: {exc}")
         finally:
             pipe.close()
+
+
+def _leave_signals_to_the_parent() -> None:
+    """In a forked worker: drop the signal handling inherited from the parent's event loop.
+
+    Its handlers write the signal's number to a socket the parent's loop reads, so a
+    worker's SIGTERM (or the terminal's Ctrl-C reaching the worker) would look like one
+    sent to the runner. Ctrl-C is the parent's to handle; it ends the workers.
+    """
+    signal.set_wakeup_fd(-1)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _cut_inside_quotes(row: _Row) -> bool:

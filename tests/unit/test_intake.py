@@ -3,7 +3,9 @@ finds exactly what one process reading the whole file finds, in the same order."
 
 from __future__ import annotations
 
+import asyncio
 import shutil
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -141,3 +143,25 @@ def test_duplicates_across_parts_name_the_first_line(folder: Path) -> None:
         (32, "id", True),
         (33, "output", True),
     ]
+
+
+async def test_stopping_workers_is_not_a_signal_to_the_runner(
+    folder: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The run's loop handles SIGTERM and SIGINT; workers are forked from it, and are sent
+    # SIGTERM when they do not end at once.
+    monkeypatch.setattr(intake_mod, "_WORKER_EXIT_WAIT", 0.0)
+    path = folder / "m.csv"
+    path.write_text("id,image,prompt\n" + "".join(f"r{i},a.png,p{i}\n" for i in range(200)))
+    loop = asyncio.get_running_loop()
+    signalled: list[int] = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, signalled.append, sig)
+    try:
+        rows, problems = _read(path, parallel=True)
+        for _ in range(3):  # let the loop read its wakeup socket and run any handler
+            await asyncio.sleep(0)
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+    assert (len(rows), problems, signalled) == (200, [], [])
