@@ -17,6 +17,7 @@ import multiprocessing
 import operator
 import os
 import signal
+import warnings
 from collections import deque
 from collections.abc import Iterator
 from functools import partial
@@ -232,7 +233,12 @@ class _Parallel:
                 process = context.Process(
                     target=self._work, args=(theirs, list(pipes)), daemon=True
                 )
-                process.start()
+                with warnings.catch_warnings():
+                    # Python 3.12+ warns that forking with other threads running (the
+                    # store's) may deadlock the child on a lock one of them held; a worker
+                    # only parses text and talks over its pipe, it takes none of those.
+                    warnings.filterwarnings("ignore", "This process .* fork", DeprecationWarning)
+                    process.start()
                 theirs.close()
                 processes.append(process)
             yield from self._merge(pipes)
