@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 from batch_runner import intake as intake_mod
+from batch_runner import manifest
 from batch_runner.errors import ManifestError, ManifestProblem
 from batch_runner.intake import Intake
 from batch_runner.runner import check_manifest, template_for
@@ -165,3 +166,18 @@ async def test_stopping_workers_is_not_a_signal_to_the_runner(
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
     assert (len(rows), problems, signalled) == (200, [], [])
+
+
+def test_overlong_lines_are_numbered_the_same_in_parts(
+    folder: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(manifest, "MAX_LINE_CHARS", 64)
+    rows = "".join(f"r{i},a.png,p{i}\n" for i in range(20))
+    path = folder / "m.csv"
+    path.write_text(f'id,image,prompt\n{rows}long,a.png,{"x" * 200}\nz,a.png,"{"y" * 100}\nq"\n')
+    _, problems = _same_both_ways(path)
+    assert [(p.line, p.reason) for p in problems] == [
+        (22, "line is longer than 64 characters"),
+        (23, "line is longer than 64 characters"),
+        (24, "row has 1 field but the header has 3"),  # the quote opened on line 23 went
+    ]
