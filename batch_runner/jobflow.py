@@ -69,13 +69,24 @@ class JobFlow:
 
     async def run_claimed(self, job: JobRecord, lane: Lane) -> None:
         """A freshly claimed job: prepare it, commit the attempt, submit and follow it."""
+        with lane.preparing_one():
+            started = await self._prepare_and_commit(job, lane)
+        if started is not None:
+            prepared, attempt = started
+            await self.follow(job, attempt, lane, prepared, submit=True)
+
+    async def _prepare_and_commit(
+        self, job: JobRecord, lane: Lane
+    ) -> tuple[Prepared, AttemptRecord] | None:
+        """Upload and render, then commit the attempt (the write-ahead record); None when the
+        job cannot be submitted now (what happened to it is recorded)."""
         try:
             prepared = await self.planner.prepare(job, lane, self.store)
         except (InputError, PermanentError) as exc:
             await self.store.preparation_failed(
                 job.id, error=_one_line(exc), kind=_kind(exc), retry_at=None
             )
-            return
+            return None
         except EndpointUnavailable as exc:
             # Nothing reached the GPU: the job goes straight back for a healthy endpoint to
             # take, and this does not use up one of its attempts.
@@ -87,17 +98,17 @@ class JobFlow:
                 endpoint_id=lane.record.id,
                 count_attempt=False,
             )
-            return
+            return None
         except TransientError as exc:
             await self._prep_retry(job, lane, exc)
-            return
+            return None
         if self.stopping.is_set():
             await self.store.release(job.id, "run stopping before submission")
-            return
+            return None
         attempt = await self.store.begin_attempt(
             job.id, lane.record.id, prepared.graph, prepared.resolved
         )
-        await self.follow(job, attempt, lane, prepared, submit=True)
+        return prepared, attempt
 
     async def resume(
         self, job: JobRecord, attempt: AttemptRecord, lane: Lane, *, foreign: bool = False

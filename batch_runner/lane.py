@@ -10,7 +10,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from typing import TypeVar
 
 from batch_runner import clock
@@ -58,6 +59,8 @@ class Lane:
         self.down_since: float | None = None
         self.last_error: str | None = None
         self.done_count = 0
+        #: claimed jobs being prepared (uploaded, rendered); their prompts will queue here
+        self.preparing = 0
         self.ws_connected = False
         #: websocket connections lost during the run (exported as a metric)
         self.ws_disconnects = 0
@@ -73,6 +76,19 @@ class Lane:
     @property
     def healthy(self) -> bool:
         return self.up.is_set()
+
+    @contextmanager
+    def preparing_one(self) -> Iterator[None]:
+        self.preparing += 1
+        try:
+            yield
+        finally:
+            self.preparing -= 1
+
+    def held_work(self, pace: float) -> float:
+        """Seconds of GPU time this endpoint owes the run: the prompts submitted here and not
+        finished, and the jobs being prepared for it, at ``pace`` seconds each."""
+        return self.tracker.held_work(pace, clock.monotonic()) + self.preparing * pace
 
     # ---------------------------------------------------------------- life cycle
 

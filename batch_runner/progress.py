@@ -24,8 +24,11 @@ log = logging.getLogger("batch_runner")
 #: A plain line this often: frequent enough to see a run move in a log, rare enough that a
 #: night's log stays readable (about a thousand lines for a week-long run).
 PLAIN_INTERVAL_S = 30.0
-#: The live view re-reads the store this often (three indexed queries).
+#: The live view re-reads the store this often (three indexed queries)...
 LIVE_INTERVAL_S = 1.0
+#: ...or less often on a run so big that reading takes longer than this share of the time:
+#: the store answers one caller at a time, and the scheduler's claims come first.
+LIVE_STORE_SHARE = 0.05
 RECENT_FAILURES = 5
 
 
@@ -35,6 +38,11 @@ def describe(counts: dict[JobState, int]) -> str:
         f"{counts[JobState.SUCCEEDED]} done, {counts[JobState.FAILED]} failed, "
         f"{running} in flight, {counts[JobState.PENDING] + counts[JobState.RETRY_WAIT]} waiting"
     )
+
+
+def live_pause(took: float) -> float:
+    """Seconds to wait before the next live snapshot, after one that took ``took``."""
+    return max(LIVE_INTERVAL_S, took / LIVE_STORE_SHARE)
 
 
 def lane_view(lane: Lane) -> LaneView:
@@ -76,8 +84,11 @@ async def report_progress(
     with Live(console=console, auto_refresh=False, transient=False) as view:
         try:
             while True:
-                view.update(render(await snapshot(store, run_id, lanes)), refresh=True)
-                await asyncio.sleep(LIVE_INTERVAL_S)
+                asked = clock.monotonic()
+                snap = await snapshot(store, run_id, lanes)
+                took = clock.monotonic() - asked
+                view.update(render(snap), refresh=True)
+                await asyncio.sleep(live_pause(took))
         except asyncio.CancelledError:
             # The run is over: leave its final numbers on the screen, not the last tick's.
             view.update(render(await snapshot(store, run_id, lanes)), refresh=True)

@@ -22,6 +22,7 @@ from batch_runner.intake import Intake, SpecCheck
 from batch_runner.jobflow import JobFlow
 from batch_runner.lane import Lane
 from batch_runner.manifest import JobSpec, RowProblems, read_manifest, workflow_names
+from batch_runner.output_check import OutputCheck
 from batch_runner.planning import Planner
 from batch_runner.preflight import usable_endpoints
 from batch_runner.scheduler import Scheduler
@@ -123,28 +124,6 @@ async def ingest(
     return report, rows.problems
 
 
-async def verify_succeeded(store: Store, run_id: int) -> int:
-    """Succeeded jobs whose file is missing or altered go back to pending; returns how many."""
-    requeued = 0
-    async for job in store.succeeded(run_id):
-        reason = await asyncio.to_thread(_output_problem, job.output_path, job.output_sha256)
-        if reason is not None:
-            log.warning("job %s: %s; it will run again", job.key, reason)
-            await store.requeue_missing_output(job.id, reason)
-            requeued += 1
-    return requeued
-
-
-def _output_problem(path: str | None, sha256: str | None) -> str | None:
-    from batch_runner.outputs import sha256_file
-
-    if not path or not Path(path).is_file():
-        return f"output file {path} is missing"
-    if sha256 and sha256_file(Path(path)) != sha256:
-        return f"output file {path} does not match its recorded checksum"
-    return None
-
-
 async def _join_fleet(
     store: Store, run_id: int, settings: RunSettings, stack: AsyncExitStack
 ) -> FleetMember | None:
@@ -207,9 +186,6 @@ async def run_batch(
         member = await _join_fleet(store, run.id, settings, stack)
         runner_id = member.id if member is not None else None
         await store.release_all_preparing(run.id, runner_id)
-        # On a shared run the files may sit on another machine's disk: each runner checks
-        # only what it downloads.
-        requeued = 0 if member is not None else await verify_succeeded(store, run.id)
 
         lanes = []
         # Endpoints that answer but cannot run the workflow are left out before any job starts.
@@ -242,10 +218,14 @@ async def run_batch(
             )
         watcher = asyncio.create_task(monitor(store, run.id, lanes)) if monitor else None
         metrics = await _serve_metrics(store, run.id, lanes, runner_id, settings, stack)
+        check = OutputCheck(store, run.id, scheduler.nudge)
         try:
             if member is None:
-                await scheduler.run()
+                # Outputs of earlier runs are checked next to the new work, not before it.
+                await scheduler.run(alongside=[check.run()])
             else:
+                # On a shared run the files may sit on another machine's disk: each runner
+                # checks only what it downloads.
                 endpoint_ids = [lane.record.id for lane in lanes]
                 await scheduler.adopt_more(await member.take_over(endpoint_ids))
                 await run_alongside(
@@ -259,4 +239,4 @@ async def run_batch(
         counts = await store.counts(run.id)
     with contextlib.suppress(OSError):  # only when empty: downloads in flight keep it
         (settings.output_dir / ".incoming").rmdir()
-    return RunSummary(counts, report, stopping.is_set(), requeued, skipped, flow.stop_reason)
+    return RunSummary(counts, report, stopping.is_set(), check.requeued, skipped, flow.stop_reason)

@@ -13,12 +13,14 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from batch_runner import clock
 from batch_runner.jobflow import JobFlow
 from batch_runner.lane import Lane
+from batch_runner.placement import Load, estimate_paces, takes_a_job
 from batch_runner.store import AttemptRecord, JobRecord, Store
 
 log = logging.getLogger(__name__)
@@ -27,6 +29,9 @@ IDLE_RECHECK_S = 5.0  # an idle slot re-reads the store at least this often
 #: On a shared database other runners free capacity without telling us: look again sooner.
 SHARED_RECHECK_S = 0.5
 WS_READY_WAIT_S = 5.0
+#: While more jobs than this wait per endpoint, a free slot takes one without weighing where
+#: it would finish first: the end of the run, where that matters, is still far off.
+PLENTY_PER_LANE = 32
 
 
 @dataclass
@@ -46,6 +51,11 @@ class Scheduler:
     runner_id: int | None = None
     #: attempts adopted from another runner: their messages went to that runner's socket
     _foreign: set[int] = field(default_factory=set)
+    #: jobs known to be waiting: the last count, less the claims made since
+    _waiting_hint: int = 0
+    #: work next to the slots that may still make jobs claimable (the check of finished
+    #: outputs): the run does not end while any of it is running
+    _alongside: list[asyncio.Task[None]] = field(default_factory=list)
 
     def adopt(
         self, in_flight: Sequence[tuple[JobRecord, AttemptRecord]]
@@ -70,8 +80,12 @@ class Scheduler:
         self._foreign.update(attempt.id for _job, attempt in taken_over)
         await self.nudge()
 
-    async def run(self) -> None:
-        """Work until no job is left to claim and nothing is in flight, or until stopped."""
+    async def run(self, alongside: Sequence[Coroutine[Any, Any, None]] = ()) -> None:
+        """Work until no job is left to claim and nothing is in flight, or until stopped.
+
+        ``alongside`` runs next to the slots and may requeue jobs (calling :meth:`nudge`);
+        the run ends only after it is done, and a stop cancels it.
+        """
         listeners = [
             asyncio.create_task(lane.listen(), name=f"{lane.name}:ws") for lane in self.lanes
         ]
@@ -80,18 +94,25 @@ class Scheduler:
             for lane in self.lanes
             for n in range(lane.settings.max_inflight)
         ]
+        self._alongside = [asyncio.create_task(work, name="alongside") for work in alongside]
         watchdog = asyncio.create_task(self._on_stop(slots), name="stop-watch")
         try:
-            # A slot that fails is a bug: stop the run with it rather than limp on. Slots
-            # cancelled at the end of the grace period are expected.
-            finished, _ = await asyncio.wait(slots, return_when=asyncio.FIRST_EXCEPTION)
-            for task in finished:
-                if not task.cancelled() and task.exception() is not None:
-                    raise task.exception()  # type: ignore[misc]
+            # A slot or side task that fails is a bug: stop the run with it rather than limp
+            # on. Slots cancelled at the end of the grace period are expected.
+            waiting: set[asyncio.Task[None]] = {*slots, *self._alongside}
+            while not all(slot.done() for slot in slots):
+                finished, waiting = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+                for task in finished:
+                    if not task.cancelled() and task.exception() is not None:
+                        raise task.exception()  # type: ignore[misc]
+                if finished - set(slots):
+                    await self.nudge()  # idle slots may be waiting only for that to end
         finally:
-            for task in [*slots, *listeners, watchdog]:
+            for task in [*slots, *listeners, *self._alongside, watchdog]:
                 task.cancel()
-            await asyncio.gather(*slots, *listeners, watchdog, return_exceptions=True)
+            await asyncio.gather(
+                *slots, *listeners, *self._alongside, watchdog, return_exceptions=True
+            )
 
     async def _on_stop(self, slots: Sequence[asyncio.Task[None]]) -> None:
         """After a stop request: claim nothing more, say what we wait for, and cut the wait
@@ -137,6 +158,9 @@ class Scheduler:
             if not lane.healthy:
                 await self._idle(IDLE_RECHECK_S)
                 continue
+            if not await self._worth_claiming(lane):
+                await self._idle(self._recheck_after(lane))
+                continue
             # A retry waits a little for another endpoint, if there is one that works.
             others_up = any(other.healthy for other in self.lanes if other is not lane)
             grace = self.flow.settings.retry.elsewhere_grace if others_up else 0.0
@@ -148,6 +172,7 @@ class Scheduler:
                 capacity=lane.settings.max_inflight if self.runner_id is not None else None,
             )
             if claimed:
+                self._waiting_hint -= len(claimed)
                 await self._work(self.flow.run_claimed(claimed[0], lane))
                 continue
             claimable, next_due = await self.store.has_claimable(self.run_id)
@@ -156,6 +181,7 @@ class Scheduler:
                 and next_due is None
                 and self.busy == 0
                 and not self._any_adopted()
+                and all(task.done() for task in self._alongside)
                 and not await self._held_elsewhere()
             ):
                 self.done.set()
@@ -165,6 +191,41 @@ class Scheduler:
             if next_due is not None:
                 wait = min(wait, max(0.05, next_due - clock.now().timestamp()))
             await self._idle(wait)
+
+    async def _worth_claiming(self, lane: Lane) -> bool:
+        """Whether ``lane`` should take a job now. Always, unless few jobs are left: then
+        only when it would finish one of them before the other endpoints (see placement).
+
+        On a shared database other runners' work is not seen here, so every lane takes.
+        """
+        if self.runner_id is not None:
+            return True
+        plenty = PLENTY_PER_LANE * len(self.lanes)
+        if self._waiting_hint >= plenty:
+            return True
+        # Counted to twice the threshold, so a long run counts once per `plenty` claims.
+        waiting = await self.store.count_claimable(self.run_id, 2 * plenty)
+        self._waiting_hint = waiting
+        if waiting == 0 or waiting >= plenty:
+            # With nothing waiting, the claim finds out whether the run is over.
+            return True
+        healthy = [other for other in self.lanes if other.healthy]
+        paces = estimate_paces([other.tracker.pace for other in healthy])
+        mine = Load(0.0, 0.0)
+        others = []
+        for other, pace in zip(healthy, paces, strict=True):
+            load = Load(other.held_work(pace), pace)
+            if other is lane:
+                mine = load
+            else:
+                others.append(load)
+        return takes_a_job(mine, others, waiting)
+
+    def _recheck_after(self, lane: Lane) -> float:
+        """How long a slot that left the last jobs to faster endpoints waits before weighing
+        again (a finished job wakes it sooner), so a stalled endpoint cannot hold them."""
+        pace = lane.tracker.pace or IDLE_RECHECK_S
+        return min(IDLE_RECHECK_S, max(0.05, pace / 4))
 
     async def _work(self, job_coro: object) -> None:
         self.busy += 1

@@ -17,6 +17,9 @@ from batch_runner.comfy.models import HistoryEntry, Outcome, OutputFile
 
 #: Terminal messages for prompts nobody watches yet (resume before adoption) are kept, this many.
 MAX_ORPHANS = 1024
+#: Weight of the newest run time in an endpoint's pace (a moving average that follows a GPU
+#: getting slower or faster within a few jobs, and is not thrown by one odd job).
+PACE_WEIGHT = 0.3
 
 
 @dataclass
@@ -28,6 +31,8 @@ class PromptWatch:
     #: the server confirmed it has the prompt (POST answered, or found in /queue or /history)
     accepted: bool = False
     started: bool = False
+    #: when the server started running it (``clock.monotonic``), if the socket said so
+    started_at: float | None = None
     #: the job coroutine has stored that the prompt started
     recorded_running: bool = False
     node: str | None = None
@@ -60,6 +65,8 @@ class PromptTracker:
         self._watches: dict[str, PromptWatch] = {}
         self._orphans: OrderedDict[str, ev.Event] = OrderedDict()
         self._running: str | None = None
+        #: seconds a prompt runs on this endpoint, averaged over those that succeeded
+        self.pace: float | None = None
 
     def watch(self, prompt_id: str, job_key: str) -> PromptWatch:
         """Start watching a prompt; call before submitting (messages can beat the answer)."""
@@ -82,6 +89,19 @@ class PromptTracker:
     def running_prompt(self) -> str | None:
         return self._running
 
+    def held_work(self, pace: float, now: float) -> float:
+        """Seconds of GPU time left in the prompts submitted here and not finished, at
+        ``pace`` seconds per prompt."""
+        total = 0.0
+        for watch in self._watches.values():
+            if watch.finished:
+                continue
+            if watch.started_at is not None:
+                total += max(pace - (now - watch.started_at), 0.0)
+            else:
+                total += pace
+        return total
+
     def handle(self, event: ev.Event) -> None:
         prompt_id = getattr(event, "prompt_id", None)
         if prompt_id is None:
@@ -98,6 +118,7 @@ class PromptTracker:
             return
         if isinstance(event, ev.ExecutionStart):
             watch.started = True
+            watch.started_at = clock.monotonic()
             self._running = prompt_id
         elif isinstance(event, ev.Executing):
             watch.started = True
@@ -112,10 +133,22 @@ class PromptTracker:
         elif isinstance(event, ev.Executed):
             watch.outputs.extend(f for f in event.outputs if f not in watch.outputs)
         elif isinstance(event, ev.ExecutionSuccess | ev.ExecutionError | ev.ExecutionInterrupted):
-            watch.ended = event
-            if self._running == prompt_id:
-                self._running = None
+            self._ended(watch, event)
         watch.touch()
+
+    def _ended(
+        self,
+        watch: PromptWatch,
+        event: ev.ExecutionSuccess | ev.ExecutionError | ev.ExecutionInterrupted,
+    ) -> None:
+        watch.ended = event
+        if self._running == watch.prompt_id:
+            self._running = None
+        if isinstance(event, ev.ExecutionSuccess) and watch.started_at is not None:
+            seconds = clock.monotonic() - watch.started_at
+            self.pace = (
+                seconds if self.pace is None else self.pace + PACE_WEIGHT * (seconds - self.pace)
+            )
 
     def reconciled(
         self, watch: PromptWatch, entry: HistoryEntry | None, *, running: bool, pending: bool

@@ -43,6 +43,11 @@ OOM_MESSAGE = (
 )
 
 
+def gpu_clock() -> float:
+    """The clock emulated GPU time is counted on (tests replace it)."""
+    return time.monotonic()
+
+
 def now_ms() -> int:
     return int(time.time() * 1000)
 
@@ -99,6 +104,11 @@ class _Run:
     task: Task
     progress: dict[str, JsonDict] = field(default_factory=dict)
     messages: list[list[Any]] = field(default_factory=list)
+    #: When the emulated GPU is done with the steps taken so far (``time.monotonic``), counted
+    #: from the start of the prompt. Steps wait for this deadline rather than sleeping a step
+    #: each, so the emulator's own work (messages, previews, competing for a shared CPU) is
+    #: not added to the GPU time it promises.
+    gpu_deadline: float = field(default_factory=lambda: gpu_clock())
 
 
 class Executor:
@@ -444,11 +454,16 @@ class Executor:
             "timestamp": now_ms(),
         }
 
+    async def _gpu_wait(self, seconds: float) -> None:
+        """Let emulated GPU time pass; an interrupt ends the wait early."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._interrupt.wait(), timeout=seconds)
+
     async def step(self, run: _Run, node_id: str, value: int, total: int) -> None:
         seconds = self.config.step_seconds
         if seconds > 0:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._interrupt.wait(), timeout=seconds)
+            run.gpu_deadline += seconds
+            await self._gpu_wait(run.gpu_deadline - gpu_clock())
         else:
             await asyncio.sleep(0)
         if self._interrupt.is_set():

@@ -191,9 +191,10 @@ async def save_video(ctx: Context, node_id: str, inputs: dict[str, Any]) -> Resu
     images = clip.images
     path, name, subfolder = ctx.folders.output_path(inputs["filename_prefix"], "mp4")
     size = video.fit(images.width, images.height, ctx.video_max_side)
-    await asyncio.to_thread(
-        ctx.writer.write, path, images.picture, images.key, images.count, clip.fps, size
-    )
+    if not ctx.writer.write_known(path, images.key, images.count, clip.fps, size):
+        await asyncio.to_thread(
+            ctx.writer.write, path, images.picture, images.key, images.count, clip.fps, size
+        )
     entry = {"filename": name, "subfolder": subfolder, "type": "output"}
     return (), {"images": [entry], "animated": [True]}
 

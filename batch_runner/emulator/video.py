@@ -72,6 +72,28 @@ class VideoWriter:
         self._remembered = remembered
         self._lock = threading.Lock()
 
+    def write_known(
+        self,
+        path: Path,
+        picture_key: str,
+        count: int,
+        fps: float,
+        size: tuple[int, int],
+    ) -> bool:
+        """Write a copy of a recent identical encoding, if there is one; False otherwise.
+
+        Cheap enough to run on the event loop: a thread hop would cost more than the copy
+        and add to the prompt's emulated GPU time.
+        """
+        key = (picture_key, count, fps, size)
+        with self._lock:
+            data = self._recent.get(key)
+            if data is None:
+                return False
+            self._recent.move_to_end(key)
+        _write_file(path, data)
+        return True
+
     def write(
         self,
         path: Path,
@@ -92,6 +114,10 @@ class VideoWriter:
                 self._recent[key] = data
                 while len(self._recent) > self._remembered:
                     self._recent.popitem(last=False)
-        tmp = path.with_name(path.name + ".part")
-        tmp.write_bytes(data)
-        tmp.replace(path)
+        _write_file(path, data)
+
+
+def _write_file(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".part")
+    tmp.write_bytes(data)
+    tmp.replace(path)

@@ -6,6 +6,7 @@ from batch_runner.store.records import (
     IngestReport,
     JobRecord,
     NewJob,
+    OutputRecord,
     RunRecord,
 )
 from batch_runner.store.repository import Failure, Store
@@ -17,6 +18,7 @@ __all__ = [
     "IngestReport",
     "JobRecord",
     "NewJob",
+    "OutputRecord",
     "RunRecord",
     "Store",
 ]

@@ -101,8 +101,9 @@ jobs = Table(
     Column("runner_id", Integer, nullable=True),
     Column("claimed_endpoint_id", Integer, nullable=True),
     UniqueConstraint("run_id", "key"),
-    # Matches the claim query: claimable states of one run, oldest first.
-    Index(None, "run_id", "state", "id"),
+    # Matches the claim query: claimable states of one run, oldest first. With in_manifest
+    # it also covers counting a run's jobs by state (no row is read).
+    Index(None, "run_id", "state", "id", "in_manifest"),
     Index(None, "runner_id", "state"),
     Index(None, "claimed_endpoint_id", "state"),
 )
@@ -125,7 +126,8 @@ attempts = Table(
     Column("started_at", Float, nullable=True),
     Column("finished_at", Float, nullable=True),
     Index(None, "job_id"),
-    Index(None, "state"),
+    # By state, then finish time: the live display's speed window seeks to recent successes.
+    Index(None, "state", "finished_at"),
     # Per-endpoint questions: what is in flight there (cancel, takeover), counts for status.
     Index(None, "endpoint_id", "state"),
 )

@@ -69,6 +69,17 @@ class JobRecord:
 
 
 @dataclass(frozen=True, slots=True)
+class OutputRecord:
+    """A succeeded job's output file as recorded when it was downloaded."""
+
+    job_id: int
+    key: str
+    path: str | None
+    size: int | None
+    sha256: str | None
+
+
+@dataclass(frozen=True, slots=True)
 class AttemptRecord:
     id: int
     job_id: int

@@ -50,6 +50,7 @@ from batch_runner.store.records import (
     JobRecord,
     NewJob,
     Observations,
+    OutputRecord,
     RunnerRecord,
     RunRecord,
 )
@@ -627,6 +628,25 @@ class Store:
             return next_due <= now, next_due
         return False, None
 
+    async def count_claimable(self, run_id: int, at_most: int) -> int:
+        """How many jobs could be claimed now (pending, or due for retry), counted only up to
+        ``at_most`` so the answer costs little however long the run is."""
+        now = _now()
+        due = and_(
+            jobs.c.run_id == run_id,
+            jobs.c.in_manifest.is_(True),
+            jobs.c.state == JobState.RETRY_WAIT.value,
+            jobs.c.next_eligible_at <= now,
+        )
+        total = 0
+        async with self._tx() as conn:
+            for where in (_pending(run_id), due):
+                if total >= at_most:
+                    break
+                found = select(jobs.c.id).where(where).limit(at_most - total).subquery()
+                total += (await conn.execute(select(func.count()).select_from(found))).scalar_one()
+        return total
+
     async def release(self, job_id: int, reason: str) -> None:
         """Give a claimed job back untouched (the run is stopping before it was submitted)."""
         async with self._tx() as conn:
@@ -999,28 +1019,39 @@ class Store:
             ).all()
             return [(JobRecord.from_row(row), await _latest_attempt(conn, row.id)) for row in rows]
 
-    async def succeeded(self, run_id: int) -> AsyncIterator[JobRecord]:
-        """Succeeded jobs, streamed in batches (a run may hold a million)."""
-        last_id = 0
-        while True:
-            async with self._tx() as conn:
-                rows = (
-                    await conn.execute(
-                        select(jobs)
-                        .where(
-                            jobs.c.run_id == run_id,
-                            jobs.c.state == JobState.SUCCEEDED.value,
-                            jobs.c.id > last_id,
-                        )
-                        .order_by(jobs.c.id)
-                        .limit(1000)
+    async def finished_outputs(
+        self, run_id: int, *, after_id: int, finished_before: float, limit: int = 1000
+    ) -> list[OutputRecord]:
+        """One page, by job id, of the manifest's succeeded jobs finished before
+        ``finished_before`` (a run may hold a million: callers page so no transaction is
+        long)."""
+        async with self._tx() as conn:
+            rows = (
+                await conn.execute(
+                    select(
+                        jobs.c.id,
+                        jobs.c.key,
+                        jobs.c.output_path,
+                        jobs.c.output_size,
+                        jobs.c.output_sha256,
                     )
-                ).all()
-            if not rows:
-                return
-            for row in rows:
-                yield JobRecord.from_row(row)
-            last_id = rows[-1].id
+                    .where(
+                        jobs.c.run_id == run_id,
+                        jobs.c.state == JobState.SUCCEEDED.value,
+                        jobs.c.id > after_id,
+                        jobs.c.in_manifest.is_(True),
+                        or_(
+                            jobs.c.finished_at.is_(None),
+                            jobs.c.finished_at < finished_before,
+                        ),
+                    )
+                    .order_by(jobs.c.id)
+                    .limit(limit)
+                )
+            ).all()
+        return [
+            OutputRecord(r.id, r.key, r.output_path, r.output_size, r.output_sha256) for r in rows
+        ]
 
     async def counts(self, run_id: int) -> dict[JobState, int]:
         async with self._tx() as conn:

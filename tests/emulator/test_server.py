@@ -158,3 +158,33 @@ async def test_history_keeps_at_most_max_history_entries(session: aiohttp.Client
         params = {"max_items": "1", "offset": "1"}
         async with session.get(emulator.url + "/history", params=params) as response:
             assert list(await response.json()) == ids[3:4]
+
+
+async def test_emulated_gpu_time_does_not_grow_with_the_emulators_own_work(
+    session: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Step k of a prompt ends k × step_ms after it started, however long the emulator's own
+    work between steps takes (here 7 ms per step on a fake clock), so a benchmark's ideal
+    makespan is what the emulated servers deliver."""
+    from batch_runner.emulator import executor as executor_mod
+
+    step_s, host_work_s = 0.025, 0.007
+    now = [100.0]
+    step_ends: list[float] = []
+
+    async def gpu_wait(seconds: float) -> None:
+        now[0] += max(seconds, 0.0)
+        step_ends.append(now[0])
+        now[0] += host_work_s
+
+    monkeypatch.setattr(executor_mod, "gpu_clock", lambda: now[0])
+    async with Emulator(EmulatorConfig(step_ms=step_s * 1000, models=WAN22_MODELS)) as emulator:
+        monkeypatch.setattr(emulator._require().executor, "_gpu_wait", gpu_wait)
+        await upload(session, emulator.url, "start.png")
+        client_id = new_id()
+        socket = await connect(session, emulator.url, client_id)
+        prompt_id = await submit(session, emulator.url, wan_workflow("start.png"), client_id)
+        await socket.wait("executing", node=None, prompt_id=prompt_id)
+        await socket.close()
+    assert len(step_ends) == 20
+    assert step_ends == pytest.approx([100.0 + k * step_s for k in range(1, 21)])

@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import shutil
 import sqlite3
+import threading
 import time
 from pathlib import Path
 
+import pytest
 from alembic import command
 from sqlalchemy import create_engine
 
+from batch_runner import output_check
 from batch_runner.config import RunSettings
 from batch_runner.emulator import Emulator, EmulatorConfig
 from batch_runner.runner import RunSummary, run_batch, template_for
+from batch_runner.scheduler import Scheduler
 from batch_runner.states import JobState
 from batch_runner.store.engine import alembic_config
 from tests.helpers import make_image, settings_for, write_csv
@@ -21,8 +26,8 @@ from tests.helpers import make_image, settings_for, write_csv
 FAST = EmulatorConfig(step_ms=2.0, video_max_side=32)
 
 
-async def run(settings: RunSettings) -> RunSummary:
-    return await run_batch(settings, template_for(settings), asyncio.Event())
+async def run(settings: RunSettings, stopping: asyncio.Event | None = None) -> RunSummary:
+    return await run_batch(settings, template_for(settings), stopping or asyncio.Event())
 
 
 def rows(*items: tuple[str, str]) -> list[dict[str, object]]:
@@ -114,7 +119,7 @@ async def test_database_from_the_previous_schema_upgrades_and_resumes(tmp_path: 
     with sqlite3.connect(settings.db) as conn:
         [(head,)] = conn.execute("SELECT version_num FROM alembic_version")
         indexes = {r[1] for r in conn.execute("PRAGMA index_list(attempts)")}
-    assert head == "0003"
+    assert head == "0004"
     assert "ix_attempts_endpoint_id_state" in indexes
 
 
@@ -128,3 +133,97 @@ def _set_schema(db: Path, revision: str) -> None:
             command.downgrade(cfg, revision)
     finally:
         engine.dispose()
+
+
+class ChecksumGate:
+    """Holds the output check's checksum pass until the scheduler's only slot has found
+    nothing to claim and gone idle: the moment a run would end if it did not wait for it."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.idle = threading.Event()
+        self.hashed: list[Path] = []
+        real_sha256, real_idle = output_check.sha256_file, Scheduler._idle
+
+        def gated_sha256(path: Path) -> str:
+            self.idle.wait(timeout=20)
+            self.hashed.append(path)
+            return real_sha256(path)
+
+        async def noted_idle(scheduler: Scheduler, seconds: float) -> None:
+            self.on_idle()
+            await real_idle(scheduler, seconds)
+
+        monkeypatch.setattr(output_check, "sha256_file", gated_sha256)
+        monkeypatch.setattr(Scheduler, "_idle", noted_idle)
+
+    def on_idle(self) -> None:
+        self.idle.set()
+
+
+def alter_keeping_size(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def recorded_sha256(db: Path, key: str) -> str:
+    with sqlite3.connect(db) as conn:
+        [(digest,)] = conn.execute("SELECT output_sha256 FROM jobs WHERE key = ?", (key,))
+    return str(digest)
+
+
+async def test_bad_outputs_run_again_alongside_new_work_before_the_run_ends(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    make_image(tmp_path / "a.png", (64, 48))
+    manifest = write_csv(tmp_path / "jobs.csv", rows(("a", "one"), ("b", "two")))
+    async with Emulator(FAST) as emulator:
+        settings = settings_for(manifest, [emulator.url], max_inflight=1)
+        assert (await run(settings)).exit_code == 0
+        (settings.output_dir / "a.mp4").unlink()  # found by the first pass (no file)
+        alter_keeping_size(settings.output_dir / "b.mp4")  # only the checksum pass sees it
+        write_csv(manifest, rows(("a", "one"), ("b", "two"), ("c", "three")))
+        gate = ChecksumGate(monkeypatch)
+
+        summary = await run(settings)
+
+        assert summary.exit_code == 0
+        assert summary.requeued_outputs == 2
+        # b's checksum was taken only once the new work was done and the slot was idle; a
+        # run that ended there would have left b altered.
+        assert [p.name for p in gate.hashed] == ["b.mp4"]
+        assert len(emulator.executions) == 2 + 3, "a and b made again, c new"
+    assert set(job_states(settings.db).values()) == {"succeeded"}
+    for key in ("a", "b"):
+        made = hashlib.sha256((settings.output_dir / f"{key}.mp4").read_bytes()).hexdigest()
+        assert made == recorded_sha256(settings.db, key)
+
+
+async def test_a_stop_cancels_the_output_check_and_the_next_run_checks_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    make_image(tmp_path / "a.png", (64, 48))
+    manifest = write_csv(tmp_path / "jobs.csv", rows(("a", "one"), ("b", "two")))
+    async with Emulator(FAST) as emulator:
+        settings = settings_for(manifest, [emulator.url], max_inflight=1)
+        assert (await run(settings)).exit_code == 0
+        alter_keeping_size(settings.output_dir / "b.mp4")
+        made_before = len(emulator.executions)
+
+        stopping = asyncio.Event()
+        gate = ChecksumGate(monkeypatch)
+        # Stop while the checksum pass is held; it is let go only once the run is over.
+        gate.on_idle = stopping.set  # type: ignore[method-assign]
+        stopped = await run(settings, stopping)
+        gate.idle.set()
+        assert stopped.stopped and stopped.exit_code == 130
+        assert stopped.requeued_outputs == 0
+        assert job_states(settings.db)["b"] == "succeeded", "unchecked, not yet requeued"
+
+        monkeypatch.undo()
+        resumed = await run(settings)
+        assert resumed.exit_code == 0
+        assert resumed.requeued_outputs == 1
+        assert len(emulator.executions) == made_before + 1
+    made = hashlib.sha256((settings.output_dir / "b.mp4").read_bytes()).hexdigest()
+    assert made == recorded_sha256(settings.db, "b")

@@ -1,4 +1,5 @@
-"""The scheduler's hot queries use the index that matches them (no scan of a million jobs)."""
+"""The scheduler's hot queries (the claim, and the counts that decide whether to claim) use
+the index that matches them (no scan of a million jobs)."""
 
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ async def test_claim_queries_search_the_run_state_index(tmp_path: Path) -> None:
         event.listen(store._engine.sync_engine, "before_cursor_execute", capture)
         await store.claim(run.id, endpoint.id, avoid_grace=10)
         await store.has_claimable(run.id)
+        await store.count_claimable(run.id, 64)
         event.remove(store._engine.sync_engine, "before_cursor_execute", capture)
     selects = [
         (s, p) for s, p in seen if s.lstrip().upper().startswith("SELECT") and "FROM jobs" in s
@@ -37,3 +39,45 @@ async def test_claim_queries_search_the_run_state_index(tmp_path: Path) -> None:
             if "jobs.state" in where and "jobs.run_id" in where:
                 assert "ix_jobs_run_id_state_id" in plan, (sql, plan)
             assert "SCAN jobs" not in plan, (sql, plan)
+
+
+async def test_resume_start_up_and_live_display_queries_read_no_row_they_do_not_need(
+    tmp_path: Path,
+) -> None:
+    """What a resumed run asks before its first submission, and what the live display
+    polls: each searches an index; counting jobs by state reads the index alone, and the
+    speed window seeks to recent successes."""
+    path = tmp_path / "run.sqlite"
+    seen: list[tuple[str, Any]] = []
+    async with Store.open(path) as store:
+        run = await store.ensure_run("default", "m.csv")
+        await store.ingest(run.id, [NewJob(f"k{i}", i, {}, f"h{i}") for i in range(300)])
+        endpoint = await store.ensure_endpoint(run.id, "http://127.0.0.1:1")
+
+        def capture(_c: Any, _cur: Any, statement: str, params: Any, *_rest: Any) -> None:
+            seen.append((statement, params))
+
+        event.listen(store._engine.sync_engine, "before_cursor_execute", capture)
+        await store.ensure_run("default", "m.csv")
+        await store.only_run()
+        await store.release_all_preparing(run.id)
+        await store.ensure_endpoint(run.id, "http://127.0.0.1:1")
+        await store.in_flight(run.id)
+        await store.claim(run.id, endpoint.id)
+        await store.finished_outputs(run.id, after_id=0, finished_before=1e12)
+        await store.counts(run.id)
+        await store.speeds(run.id, 0.0)
+        await store.recent_failures(run.id)
+        event.remove(store._engine.sync_engine, "before_cursor_execute", capture)
+    reads = [(s, p) for s, p in seen if s.lstrip().upper().startswith("SELECT")]
+    with sqlite3.connect(path) as conn:
+        for sql, params in reads:
+            plan = " ".join(row[3] for row in conn.execute(f"EXPLAIN QUERY PLAN {sql}", params))
+            for table in ("jobs", "attempts", "endpoints"):
+                assert f"SCAN {table}" not in plan, (sql, plan)
+            if "count(*)" in sql and "GROUP BY jobs.state" in sql:
+                assert "COVERING INDEX" in plan, (sql, plan)
+            if "FROM attempts" in sql and "finished_at >=" in sql:
+                assert "finished_at>?" in plan, (sql, plan)
+    assert any("GROUP BY jobs.state" in s for s, _ in reads)
+    assert any("FROM attempts" in s and "finished_at >=" in s for s, _ in reads)

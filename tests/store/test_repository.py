@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -202,3 +203,35 @@ async def test_a_briefly_held_lock_is_waited_out(
         other.close()
         [job] = await store.claim(run.id, ep.id)
         assert job.key == "k0"
+
+
+async def _succeed(store: Store, run_id: int, endpoint_id: int, n: int) -> list[int]:
+    done = []
+    for job in await store.claim(run_id, endpoint_id, limit=n):
+        attempt = await store.begin_attempt(job.id, endpoint_id, {"1": {}}, {})
+        assert await store.attempt_completed(job.id, attempt.id, [])
+        path = f"/o/{job.key}.mp4"
+        await store.job_succeeded(job.id, attempt.id, path=path, sha256=job.key, size=job.line)
+        done.append(job.id)
+    return done
+
+
+async def test_finished_outputs_come_in_pages_and_leave_out_this_runs_own(store: Store) -> None:
+    run = await store.ensure_run("default", "m.csv")
+    ep = await store.ensure_endpoint(run.id, "http://127.0.0.1:1")
+    await store.ingest(run.id, rows(8))
+    earlier = await _succeed(store, run.id, ep.id, 5)
+    cut = time.time()
+    await _succeed(store, run.id, ep.id, 2)  # finished after the cut: left out
+
+    pages, after = [], 0
+    while page := await store.finished_outputs(
+        run.id, after_id=after, finished_before=cut, limit=2
+    ):
+        pages.append(page)
+        after = page[-1].job_id
+    assert [len(p) for p in pages] == [2, 2, 1]
+    outputs = [o for p in pages for o in p]
+    assert [o.job_id for o in outputs] == earlier
+    first = outputs[0]
+    assert (first.path, first.sha256, first.size) == (f"/o/{first.key}.mp4", first.key, 2)

@@ -6,10 +6,12 @@ import json
 import logging
 import sys
 
+import pytest
 from rich.console import Console
 
 from batch_runner.dashboard import LaneView, Snapshot, duration, rates, render, summary_line
 from batch_runner.jsonlog import JsonFormatter
+from batch_runner.progress import LIVE_INTERVAL_S, LIVE_STORE_SHARE, live_pause
 from batch_runner.states import JobState
 from batch_runner.store.repository import Failure
 
@@ -88,3 +90,9 @@ def test_json_log_lines_are_one_object_each() -> None:
         failed = logging.LogRecord("x", logging.ERROR, "x", 1, "m", None, sys.exc_info())
     line = formatter.format(failed)
     assert "\n" not in line and "ValueError: boom" in json.loads(line)["exception"]
+
+
+def test_live_view_reads_the_store_less_often_when_reading_is_slow() -> None:
+    assert live_pause(0.01) == LIVE_INTERVAL_S
+    assert live_pause(0.2) == pytest.approx(0.2 / LIVE_STORE_SHARE)
+    assert live_pause(0.2) > LIVE_INTERVAL_S

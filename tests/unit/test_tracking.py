@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+import pytest
+
+from batch_runner import clock
 from batch_runner.comfy import events as ev
 from batch_runner.comfy.models import ExecutionErrorInfo, HistoryEntry, Outcome
-from batch_runner.tracking import MAX_ORPHANS, PromptTracker, outcome_of
+from batch_runner.tracking import MAX_ORPHANS, PACE_WEIGHT, PromptTracker, outcome_of
 
 
 def test_messages_reach_only_their_watch() -> None:
@@ -73,3 +78,40 @@ def test_reconciliation_states() -> None:
     tracker.handle(ev.ExecutionSuccess("x"))
     heard = tracker.watch("x", "d")
     assert not tracker.reconciled(heard, entry, running=False, pending=False)
+
+
+def test_pace_averages_the_run_times_of_successful_prompts(monkeypatch: Any) -> None:
+    now = [50.0]
+    monkeypatch.setattr(clock, "monotonic", lambda: now[0])
+    tracker = PromptTracker()
+    assert tracker.pace is None
+    for prompt_id, seconds in (("p1", 10.0), ("p2", 20.0)):
+        tracker.watch(prompt_id, prompt_id)
+        tracker.handle(ev.ExecutionStart(prompt_id))
+        now[0] += seconds
+        tracker.handle(ev.ExecutionSuccess(prompt_id))
+    assert tracker.pace == pytest.approx(10.0 + PACE_WEIGHT * 10.0)
+    # A failed prompt says nothing about how long a job takes there.
+    tracker.watch("p3", "p3")
+    tracker.handle(ev.ExecutionStart("p3"))
+    now[0] += 1.0
+    info = ExecutionErrorInfo("57", "KSamplerAdvanced", "RuntimeError", "oom\n")
+    tracker.handle(ev.ExecutionError("p3", info))
+    assert tracker.pace == pytest.approx(10.0 + PACE_WEIGHT * 10.0)
+
+
+def test_held_work_counts_what_is_left_of_the_running_prompt_and_all_queued_ones(
+    monkeypatch: Any,
+) -> None:
+    now = [0.0]
+    monkeypatch.setattr(clock, "monotonic", lambda: now[0])
+    tracker = PromptTracker()
+    for prompt_id in ("running", "queued", "done"):
+        tracker.watch(prompt_id, prompt_id)
+    tracker.handle(ev.ExecutionStart("done"))
+    tracker.handle(ev.ExecutionSuccess("done"))
+    tracker.handle(ev.ExecutionStart("running"))
+    now[0] = 3.0
+    assert tracker.held_work(10.0, now[0]) == pytest.approx(7.0 + 10.0)
+    # Overdue: the running prompt may end any moment, it owes nothing more.
+    assert tracker.held_work(2.0, now[0]) == pytest.approx(0.0 + 2.0)
