@@ -58,6 +58,8 @@ from batch_runner.store.records import (
 INGEST_BATCH = 2000
 #: Rows per INSERT of a run's first ingest: large, as each executemany has a fixed cost.
 INGEST_FRESH_BATCH = 20_000
+#: Rows read between two chances for an INSERT in flight to go on.
+_INGEST_YIELD_ROWS = 500
 LOCK_RETRIES = 5
 # Keys seen by the ingest in progress (a per-connection temp table) to find removed rows.
 _INGEST_TABLE = table("ingest_keys", column("key"))
@@ -332,14 +334,37 @@ class Store:
     async def _ingest_fresh(
         self, conn: AsyncConnection, run_id: int, rows: Iterable[NewJob]
     ) -> int:
-        """Insert every row of a run that has none yet; return how many."""
+        """Insert every row of a run that has none yet; return how many.
+
+        Each INSERT runs on the driver's side (aiosqlite's thread, the PostgreSQL server)
+        while the next batch is read, so reading and storing overlap.
+        """
         sql = dialect.insert_sql(conn, jobs, _NEW_JOB_COLUMNS)
         now = _now()
         added = 0
-        for batch in _batches(rows, INGEST_FRESH_BATCH):
-            await conn.exec_driver_sql(sql, [_new_job_values(run_id, job, now) for job in batch])
-            added += len(batch)
-            await asyncio.sleep(0)
+        batch: list[tuple[Any, ...]] = []
+        inserting: asyncio.Task[Any] | None = None
+        try:
+            for job in rows:
+                batch.append(_new_job_values(run_id, job, now))
+                if len(batch) >= INGEST_FRESH_BATCH:
+                    if inserting is not None:
+                        await inserting
+                    inserting = asyncio.create_task(conn.exec_driver_sql(sql, batch))
+                    added += len(batch)
+                    batch = []
+                elif not len(batch) % _INGEST_YIELD_ROWS:
+                    # The INSERT in flight takes a step (each is a hop between threads).
+                    await asyncio.sleep(0)
+            if inserting is not None:
+                await inserting
+            if batch:
+                await conn.exec_driver_sql(sql, batch)
+                added += len(batch)
+        finally:
+            if inserting is not None and not inserting.done():
+                # Leaving early (a row raised): the connection is idle before the rollback.
+                await asyncio.gather(inserting, return_exceptions=True)
         return added
 
     async def _ingest_batch(
