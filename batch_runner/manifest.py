@@ -33,6 +33,7 @@ import difflib
 import hashlib
 import json
 import math
+import operator
 import os
 import re
 from array import array
@@ -40,7 +41,8 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import lru_cache, partial
-from pathlib import Path
+from operator import attrgetter
+from pathlib import Path, PurePath
 from typing import IO, Any, Final
 
 from PIL import Image
@@ -82,9 +84,27 @@ class JobSpec:
 
         Stored with the job so a later run can tell that a row with the same id changed.
         """
-        data = self.to_json()
-        del data["line"]
-        return hashlib.sha256(_canonical(data).encode("utf-8")).hexdigest()
+        return self.encoded()[1]
+
+    def encoded(self) -> tuple[str, str]:
+        """Return the spec as stored (JSON that ``from_json`` reads, unset fields left out)
+        and its ``content_hash``, without building ``to_json``'s dict.
+
+        The hash is of ``to_json()`` without ``line``, as canonical JSON (keys sorted, no
+        spaces, non-ASCII kept); this writes that text directly, a value at a time.
+        """
+        values = _hashed_values(self)
+        # Texts for this row's shape (which fields are set) have the unset ones written in.
+        shape = (*map(_unset, values), not self.node_inputs, self.workflow is None)
+        forms = _ENCODED_FORMS.get(shape)
+        if forms is None:
+            forms = _encoded_forms(shape)
+        hashed, stored, picks = forms
+        args = [_json_value(values[i]) for i in picks]
+        if self.workflow is not None:
+            args.append(_json_value(self.workflow))
+        digest = hashlib.sha256((hashed % tuple(args)).encode("utf-8")).hexdigest()
+        return stored % (self.line, *args), digest
 
     def to_json(self) -> dict[str, object]:
         """Return a JSON-serialisable dict; ``from_json`` reads it back."""
@@ -142,6 +162,75 @@ class JobSpec:
             ),
             workflow=data.get("workflow"),
         )
+
+
+#: ``to_json``'s keys in sorted order, without ``line`` (not hashed) and ``workflow`` (added
+#: only when set); ``test_manifest`` checks them against ``to_json``.
+_HASHED_FIELDS: Final = (
+    "cfg",
+    "fps",
+    "frames",
+    "height",
+    "image",
+    "job_id",
+    "negative_prompt",
+    "node_inputs",
+    "output",
+    "preset",
+    "prompt",
+    "seed",
+    "shift",
+    "steps",
+    "switch_step",
+    "width",
+)
+_hashed_values: Final = attrgetter(*_HASHED_FIELDS)
+_unset: Final = partial(operator.is_, None)
+_NODE_INPUTS: Final = _HASHED_FIELDS.index("node_inputs")
+#: Per shape of a spec: (hashed text, stored text, indexes of the values they take) with
+#: ``%`` placeholders. Shapes are few in a manifest; the bound is for hostile ones.
+_ENCODED_FORMS: dict[tuple[bool, ...], tuple[str, str, tuple[int, ...]]] = {}
+_MAX_FORMS: Final = 4096
+
+
+def _encoded_forms(shape: tuple[bool, ...]) -> tuple[str, str, tuple[int, ...]]:
+    *unset, no_nodes, no_workflow = shape
+    hashed: list[str] = []
+    stored = ['{"line":%d']
+    picks: list[int] = []
+    for index, (name, is_unset) in enumerate(zip(_HASHED_FIELDS, unset, strict=True)):
+        if is_unset:
+            hashed.append(f'"{name}":null')
+        elif index == _NODE_INPUTS and no_nodes:
+            hashed.append(f'"{name}":[]')
+        else:
+            hashed.append(f'"{name}":%s')
+            stored.append(f'"{name}":%s')
+            picks.append(index)
+    if not no_workflow:
+        # Sorts last ("workflow" > "width"); only when set, as in to_json.
+        hashed.append('"workflow":%s')
+        stored.append('"workflow":%s')
+    forms = "{" + ",".join(hashed) + "}", ",".join(stored) + "}", tuple(picks)
+    if len(_ENCODED_FORMS) >= _MAX_FORMS:
+        _ENCODED_FORMS.clear()
+    _ENCODED_FORMS[shape] = forms
+    return forms
+
+
+def _json_value(value: object) -> str:
+    """``value`` as ``_canonical`` writes it; the common scalar types without the encoder."""
+    if value is None:
+        return "null"
+    if type(value) is str:
+        return _encode_str(value)
+    if type(value) is int or type(value) is float:  # finite: the reader rejects inf and nan
+        return repr(value)
+    if isinstance(value, PurePath):
+        return _encode_str(str(value))
+    if value == ():  # no node inputs
+        return "[]"
+    return _canonical(value)
 
 
 @dataclass(frozen=True)
@@ -325,6 +414,8 @@ _CONVERTERS: Final[dict[str, tuple[Callable[[str], Any], Callable[[Any], Any]]]]
     "workflow": _text(_check_workflow),
 }
 KNOWN_COLUMNS: Final = tuple(_CONVERTERS)
+#: CSV cells as they are converted; text taken as it is (the image, node columns) has none.
+_CSV_CONVERTERS: Final = {name: pair[0] for name, pair in _CONVERTERS.items() if name != "image"}
 #: The columns a row's derived id is made of (besides the image), in their historic order.
 _ID_COLUMNS: Final = tuple(c for c in KNOWN_COLUMNS if c not in ("id", "image", "workflow"))
 
@@ -341,8 +432,13 @@ def _json_type(value: object) -> str:
     return "a list" if isinstance(value, list) else "an object"
 
 
+_CANONICAL: Final = json.JSONEncoder(sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+# The string encoder that _CANONICAL uses (ensure_ascii=False).
+_encode_str: Final = json.encoder.encode_basestring
+
+
 def _canonical(data: object) -> str:
-    return json.dumps(data, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return _CANONICAL.encode(data)
 
 
 def parse_node_column(name: str) -> tuple[str, str] | None:
@@ -411,6 +507,67 @@ class _SeenTable:
                 lines[slot] = line
 
 
+class UniqueNames:
+    """Ids and output names seen so far, in file order.
+
+    They share one namespace: a row's output file is named by its output name, else by
+    its id, and file systems may ignore case.
+    """
+
+    def __init__(self, display: str) -> None:
+        self._display = display
+        self._seen = _SeenTable()
+
+    def check(
+        self, line: int, explicit_id: str | None, job_id: str | None, output: str | None
+    ) -> list[ManifestProblem]:
+        """Record the row's names; return the problems of those used before (usually none).
+
+        ``job_id`` is the explicit id, else the derived one (a row without problems), else None.
+        """
+        problems = []
+        if explicit_id is not None:
+            first = self._seen.add(explicit_id.casefold(), line)
+            if first is not None:
+                reason = (
+                    f"id {explicit_id!r} is already used on line {first} "
+                    "(ids and output names must be unique, compared ignoring case)"
+                )
+                problems.append(ManifestProblem(self._display, line, "id", reason))
+        elif job_id is not None:
+            first = self._seen.add(job_id, line)
+            if first is not None:
+                reason = (
+                    f"same content as line {first}: rows without an id get one from their "
+                    "content, so identical rows are duplicates (add an id column)"
+                )
+                problems.append(ManifestProblem(self._display, line, None, reason))
+        if output is not None and output.casefold() != (job_id or "").casefold():
+            first = self._seen.add(output.casefold(), line)
+            if first is not None:
+                reason = (
+                    f"output name {output!r} is already used on line {first} "
+                    "(ids and output names must be unique, compared ignoring case)"
+                )
+                problems.append(ManifestProblem(self._display, line, "output", reason))
+        return problems
+
+
+@dataclass(slots=True)
+class RowDraft:
+    """A row checked on its own, before the checks that need the rows before it (duplicate
+    ids and output names)."""
+
+    line: int
+    problems: list[ManifestProblem]
+    explicit_id: str | None = None
+    #: the explicit id, else the derived one when the row has no problems
+    job_id: str | None = None
+    output: str | None = None
+    #: when the row has no problems
+    spec: JobSpec | None = None
+
+
 # ----------------------------------------------------------------------------- public entry points
 
 
@@ -426,6 +583,15 @@ def read_manifest(path: Path, *, check_images: bool = True) -> Iterator[JobSpec 
     With ``check_images``, each distinct image is opened with Pillow and verified
     in the calling thread; iterate in a worker thread if that matters.
     """
+    reader, columns = open_manifest(path, check_images=check_images)
+    if columns is not None:
+        return reader.csv_rows(columns)
+    return reader.jsonl_rows()
+
+
+def open_manifest(path: Path, *, check_images: bool = True) -> tuple[RowReader, list[str] | None]:
+    """Check the file as a whole (``ManifestError`` as ``read_manifest`` raises it); return
+    a reader for its rows and, for CSV, the header's columns (``None``: JSON Lines)."""
     display = str(path)
     fmt = _EXTENSIONS.get(path.suffix.lower())
     if fmt is None:
@@ -433,13 +599,12 @@ def read_manifest(path: Path, *, check_images: bool = True) -> Iterator[JobSpec 
             [_file_problem(display, "a manifest must end in .csv, .jsonl or .ndjson")]
         )
     _check_file(path, display)
-    reader = _RowReader(path, display, check_images)
+    reader = RowReader(path, display, check_images)
     if fmt == "csv":
         with _open_text(path) as handle:
-            columns = _csv_header(handle, display)
-        return reader.csv_rows(columns)
+            return reader, _csv_header(handle, display)
     _check_jsonl_start(path, display)
-    return reader.jsonl_rows()
+    return reader, None
 
 
 def validate_manifest(
@@ -502,10 +667,13 @@ def _open_text(path: Path) -> IO[str]:
     return path.open(encoding="utf-8-sig", errors="surrogateescape", newline="")
 
 
-def _bounded_lines(handle: IO[str], recent: deque[str], long_lines: list[int]) -> Iterator[str]:
-    """The file's lines, each at most MAX_LINE_CHARS; longer ones are noted and replaced."""
+def _bounded_lines(
+    handle: IO[str], recent: deque[str], long_lines: list[int], before: int = 0
+) -> Iterator[str]:
+    """The file's lines, each at most MAX_LINE_CHARS; longer ones are noted (numbered after
+    the ``before`` lines that precede the text) and replaced."""
     readline = handle.readline
-    for number, line in enumerate(iter(partial(readline, MAX_LINE_CHARS), ""), start=1):
+    for number, line in enumerate(iter(partial(readline, MAX_LINE_CHARS), ""), start=before + 1):
         if len(line) == MAX_LINE_CHARS and not line.endswith("\n"):
             while (rest := readline(MAX_LINE_CHARS)) and not rest.endswith("\n"):
                 pass
@@ -627,6 +795,9 @@ def _check_jsonl_start(path: Path, display: str) -> None:
 
 # ----------------------------------------------------------------------------- CSV quoting errors
 
+#: Why a CSV record that the end of the text cut inside a quoted field was rejected.
+UNCLOSED_QUOTE: Final = "broken quoting: a quoted field is never closed"
+
 
 def _csv_error_reason(message: str) -> str:
     if "expected after" in message:
@@ -635,7 +806,7 @@ def _csv_error_reason(message: str) -> str:
             '(write a quote inside a quoted field as "")'
         )
     if "unexpected end of data" in message:
-        return "broken quoting: a quoted field is never closed"
+        return UNCLOSED_QUOTE
     if "field larger than field limit" in message:
         return (
             f"a field is longer than {CSV_FIELD_LIMIT:,} characters (often a quote that is "
@@ -681,7 +852,7 @@ def _locate_quote_problem(text: str) -> tuple[int, int]:
 # ----------------------------------------------------------------------------- rows
 
 
-class _RowReader:
+class RowReader:
     """Turns records into specs; holds the state shared across the rows of one read."""
 
     def __init__(self, path: Path, display: str, check_images: bool) -> None:
@@ -689,9 +860,7 @@ class _RowReader:
         self._display = display
         self._base = os.path.abspath(path.parent)
         self._check_images = check_images
-        # Ids and output names share one namespace: a row's output file is named by its
-        # output name, else by its id, and file systems may ignore case.
-        self._names = _SeenTable()
+        self._names = UniqueNames(display)
         # Per read, so a file fixed between two reads is seen fresh; bounded for huge manifests.
         self._image = lru_cache(maxsize=65_536)(self._probe_image)
         self._node_columns: dict[str, tuple[str, str] | None] = {}
@@ -703,65 +872,86 @@ class _RowReader:
 
     def csv_rows(self, columns: list[str]) -> Iterator[JobSpec | RowProblems]:
         """Rows of a CSV file whose header was checked already."""
+        with _open_text(self._path) as handle:
+            yield from map(self.settle, self.csv_drafts(columns, handle, 0))
+
+    def csv_drafts(
+        self, columns: list[str], handle: IO[str], header_lines: int
+    ) -> Iterator[RowDraft]:
+        """The rows of CSV text, each checked on its own: the whole file (``header_lines``
+        0: the header is read and skipped) or a part of its body that starts with a record
+        and follows ``header_lines`` lines."""
         # The header is valid, so each column is either known or a node column (whose
         # converter is never used).
-        plan = [
-            (name, _CONVERTERS.get(name, _CONVERTERS["image"])[0], parse_node_column(name))
-            for name in columns
-        ]
+        plan = [(name, _CSV_CONVERTERS.get(name), parse_node_column(name)) for name in columns]
         width = len(columns)
         recent: deque[str] = deque(maxlen=_RECENT_LINES)
         long_lines: list[int] = []
-        with _open_text(self._path) as handle:
-            reader = csv.reader(_bounded_lines(handle, recent, long_lines), strict=True)
+        reader = csv.reader(_bounded_lines(handle, recent, long_lines, header_lines), strict=True)
+        if not header_lines:
             next(reader)
-            end = reader.line_num
-            while True:
-                start = end + 1
-                try:
-                    fields = next(reader)
-                except StopIteration:
-                    return
-                except csv.Error as exc:
-                    end = reader.line_num
-                    yield self._csv_error(columns, start, end, recent, str(exc))
-                    long_lines.clear()
-                    continue
-                end = reader.line_num
-                problems: list[ManifestProblem] = []
-                if long_lines:
-                    problems += [self._problem(n, None, _long_line_reason()) for n in long_lines]
-                    long_lines.clear()
-                joined = "".join(fields)
-                if not joined.isascii() or "\x00" in joined:
-                    problems += self._damaged_fields(start, columns, fields)
-                if len(fields) != width:
-                    if fields and joined.strip():
-                        s = "s" if len(fields) != 1 else ""
-                        reason = f"row has {len(fields)} field{s} but the header has {width}"
-                        problems.append(self._problem(start, None, reason))
-                    if problems:
-                        yield RowProblems(start, problems, None)
-                    continue
-                values: dict[str, Any] = {}
-                nodes: list[tuple[str, str, object]] = []
-                for (name, convert, node), cell in zip(plan, fields, strict=True):
-                    text = cell.strip()
-                    if not text:
-                        continue
-                    if node is not None:
-                        nodes.append((*node, text))
-                        continue
-                    try:
-                        values[name] = convert(text)
-                    except _Bad as bad:
-                        problems.append(self._problem(start, name, str(bad)))
-                if values or nodes or problems:
-                    yield self._finish(start, values, nodes, problems)
+        end = header_lines + reader.line_num
+        while True:
+            start = end + 1
+            try:
+                fields = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as exc:
+                end = header_lines + reader.line_num
+                yield self._csv_error(columns, start, end, recent, str(exc))
+                long_lines.clear()
+                continue
+            end = header_lines + reader.line_num
+            problems: list[ManifestProblem] = []
+            if long_lines:
+                problems += [self._problem(n, None, _long_line_reason()) for n in long_lines]
+                long_lines.clear()
+            joined = "".join(fields)
+            if not joined.isascii() or "\x00" in joined:
+                problems += self._damaged_fields(start, columns, fields)
+            if len(fields) != width:
+                if fields and joined.strip():
+                    s = "s" if len(fields) != 1 else ""
+                    reason = f"row has {len(fields)} field{s} but the header has {width}"
+                    problems.append(self._problem(start, None, reason))
+                if problems:
+                    yield RowDraft(start, problems)
+                continue
+            draft = self._csv_record(start, plan, fields, problems)
+            if draft is not None:
+                yield draft
+
+    def _csv_record(
+        self,
+        line: int,
+        plan: list[tuple[str, Callable[[str], Any] | None, tuple[str, str] | None]],
+        fields: list[str],
+        problems: list[ManifestProblem],
+    ) -> RowDraft | None:
+        values: dict[str, Any] = {}
+        nodes: list[tuple[str, str, object]] = []
+        for (name, convert, node), cell in zip(plan, fields, strict=True):
+            text = cell.strip()
+            if not text:
+                continue
+            if convert is None:
+                if node is None:
+                    values[name] = text
+                else:
+                    nodes.append((*node, text))
+                continue
+            try:
+                values[name] = convert(text)
+            except _Bad as bad:
+                problems.append(self._problem(line, name, str(bad)))
+        if values or nodes or problems:
+            return self._draft(line, values, nodes, problems)
+        return None  # a blank row
 
     def _csv_error(
         self, columns: list[str], start: int, end: int, recent: deque[str], message: str
-    ) -> RowProblems:
+    ) -> RowDraft:
         count = end - start + 1
         column = None
         line = start
@@ -770,7 +960,7 @@ class _RowReader:
             field, offset = _locate_quote_problem(text)
             line = start + text.count("\n", 0, offset)
             column = columns[field] if field < len(columns) else None
-        return RowProblems(line, [self._problem(line, column, _csv_error_reason(message))], None)
+        return RowDraft(line, [self._problem(line, column, _csv_error_reason(message))])
 
     def _damaged_fields(
         self, start: int, columns: list[str], fields: list[str]
@@ -788,6 +978,10 @@ class _RowReader:
 
     def jsonl_rows(self) -> Iterator[JobSpec | RowProblems]:
         """Rows of a JSON Lines file: one object per line."""
+        return map(self.settle, self.jsonl_drafts())
+
+    def jsonl_drafts(self) -> Iterator[RowDraft]:
+        """The rows of a JSON Lines file, each checked on its own."""
         long_lines: list[int] = []
         with _open_text(self._path) as handle:
             lines = _bounded_lines(handle, deque(maxlen=1), long_lines)
@@ -799,21 +993,21 @@ class _RowReader:
                 elif not text.isascii() or "\x00" in text:
                     reason = _encoding_reason(text)
                 if reason is not None:
-                    yield RowProblems(line, [self._problem(line, None, reason)], None)
+                    yield RowDraft(line, [self._problem(line, None, reason)])
                 elif text.strip():
                     yield self._json_line(line, text)
 
-    def _json_line(self, line: int, text: str) -> JobSpec | RowProblems:
+    def _json_line(self, line: int, text: str) -> RowDraft:
         try:
             record = json.loads(text)
         except json.JSONDecodeError as exc:
             problem = self._problem(line, str(exc.colno), f"invalid JSON: {exc.msg}")
-            return RowProblems(line, [problem], None)
+            return RowDraft(line, [problem])
         except RecursionError:
-            return RowProblems(line, [self._problem(line, None, "JSON nested too deeply")], None)
+            return RowDraft(line, [self._problem(line, None, "JSON nested too deeply")])
         if not isinstance(record, dict):
             reason = f"each line must be a JSON object {{...}}, got {_json_type(record)}"
-            return RowProblems(line, [self._problem(line, None, reason)], None)
+            return RowDraft(line, [self._problem(line, None, reason)])
         values: dict[str, Any] = {}
         nodes: list[tuple[str, str, object]] = []
         problems: list[ManifestProblem] = []
@@ -847,7 +1041,7 @@ class _RowReader:
         for name in REQUIRED_COLUMNS:
             if name not in record:
                 problems.append(self._problem(line, name, f"missing required key {name!r}"))
-        return self._finish(line, values, nodes, problems)
+        return self._draft(line, values, nodes, problems)
 
     def _node_column(self, name: str) -> tuple[str, str] | None:
         try:
@@ -858,14 +1052,24 @@ class _RowReader:
 
     # --- shared
 
-    def _finish(
+    def settle(self, draft: RowDraft) -> JobSpec | RowProblems:
+        """The row's final form, once the rows before it were settled."""
+        problems = self._names.check(draft.line, draft.explicit_id, draft.job_id, draft.output)
+        if problems:
+            draft.problems += problems
+        if draft.problems:
+            return RowProblems(draft.line, draft.problems, draft.explicit_id)
+        assert draft.spec is not None  # a draft without problems has one
+        return draft.spec
+
+    def _draft(
         self,
         line: int,
         values: dict[str, Any],
         nodes: list[tuple[str, str, object]],
         problems: list[ManifestProblem],
-    ) -> JobSpec | RowProblems:
-        """Cross-field checks, image check, id and output uniqueness; build the spec."""
+    ) -> RowDraft:
+        """Cross-field checks, image check and the derived id; build the spec if all is well."""
         reported = {p.column for p in problems} if problems else ()
         prompt = values.get("prompt")
         if prompt is None and "prompt" not in reported:
@@ -887,41 +1091,15 @@ class _RowReader:
             reason = f"switch_step {switch} is after the last step ({values['steps']})"
             problems.append(self._problem(line, "switch_step", reason))
 
-        explicit_id = values.get("id")
+        explicit_id = values.pop("id", None)
         output = values.get("output")
-        job_id = explicit_id
-        if explicit_id is not None:
-            first = self._names.add(explicit_id.casefold(), line)
-            if first is not None:
-                reason = (
-                    f"id {explicit_id!r} is already used on line {first} "
-                    "(ids and output names must be unique, compared ignoring case)"
-                )
-                problems.append(self._problem(line, "id", reason))
-        elif not problems:
-            job_id = _derive_id(image_key, values, nodes)
-            first = self._names.add(job_id, line)
-            if first is not None:
-                reason = (
-                    f"same content as line {first}: rows without an id get one from their "
-                    "content, so identical rows are duplicates (add an id column)"
-                )
-                problems.append(self._problem(line, None, reason))
-        if output is not None and output.casefold() != (job_id or "").casefold():
-            first = self._names.add(output.casefold(), line)
-            if first is not None:
-                reason = (
-                    f"output name {output!r} is already used on line {first} "
-                    "(ids and output names must be unique, compared ignoring case)"
-                )
-                problems.append(self._problem(line, "output", reason))
         if problems:
-            return RowProblems(line, problems, explicit_id)
-        assert job_id is not None and image is not None and prompt is not None  # else a problem
-        values.pop("id", None)
-        values.pop("image")
-        values.pop("prompt")
-        return JobSpec(job_id, line, image, prompt, node_inputs=tuple(nodes), **values)
+            return RowDraft(line, problems, explicit_id, explicit_id, output)
+        job_id = explicit_id or _derive_id(image_key, values, nodes)
+        assert image is not None and prompt is not None  # else a problem
+        del values["image"], values["prompt"]
+        spec = JobSpec(job_id, line, image, prompt, node_inputs=tuple(nodes), **values)
+        return RowDraft(line, problems, explicit_id, job_id, output, spec)
 
     def _probe_image(self, text: str) -> tuple[Path, str, str | None]:
         """Resolve an image path; return (absolute path, id key, problem or None)."""

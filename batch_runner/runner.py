@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 import time
 from collections.abc import Callable, Coroutine, Iterator, Sequence
@@ -16,11 +15,10 @@ from typing import Any
 from batch_runner.config import RunSettings
 from batch_runner.errors import (
     ConfigError,
-    ManifestError,
     ManifestProblem,
-    WorkflowError,
 )
 from batch_runner.fleet import FleetMember, default_name, run_alongside
+from batch_runner.intake import Intake, SpecCheck
 from batch_runner.jobflow import JobFlow
 from batch_runner.lane import Lane
 from batch_runner.manifest import JobSpec, RowProblems, read_manifest, workflow_names
@@ -29,7 +27,7 @@ from batch_runner.planning import Planner
 from batch_runner.preflight import usable_endpoints
 from batch_runner.scheduler import Scheduler
 from batch_runner.states import AttemptState, JobState
-from batch_runner.store import IngestReport, NewJob, Store
+from batch_runner.store import IngestReport, Store
 from batch_runner.workflow import WorkflowTemplate
 from batch_runner.workflows import TemplateBook, as_book, default_template
 
@@ -78,12 +76,10 @@ def checked_rows(
 ) -> Iterator[JobSpec | RowProblems]:
     """The manifest's rows, each also checked against the workflow it will render into."""
     book = templates if isinstance(templates, TemplateBook) else TemplateBook(templates)
+    check = SpecCheck(book)
     for item in read_manifest(path):
         if isinstance(item, JobSpec):
-            try:
-                issues = book.for_spec(item).check_spec(item)
-            except WorkflowError as exc:
-                issues = [exc.message]
+            issues = check(item)
             if issues:
                 problems = [ManifestProblem(str(path), item.line, None, i) for i in issues]
                 yield RowProblems(item.line, problems, item.job_id)
@@ -105,17 +101,6 @@ def check_manifest(
     return good, problems
 
 
-def _rows(path: Path, template: TemplateBook) -> Iterator[NewJob]:
-    for item in checked_rows(path, template):
-        if isinstance(item, JobSpec):
-            yield NewJob(item.job_id, item.line, item.to_json(), item.content_hash())
-        else:
-            key = item.job_id or f"line-{item.line}"
-            reason = "; ".join(str(p) for p in item.problems)
-            digest = hashlib.sha256(reason.encode()).hexdigest()
-            yield NewJob(key, item.line, {"invalid": reason}, digest, JobState.SKIPPED, reason)
-
-
 async def load_named_workflows(book: TemplateBook, manifest: Path) -> None:
     """Load every workflow the manifest's rows name, so checks and fingerprints cover them."""
     names = await asyncio.to_thread(workflow_names, manifest)
@@ -130,7 +115,9 @@ async def ingest(
     *,
     workflows_loaded: bool = False,
 ) -> tuple[IngestReport, list[ManifestProblem]]:
-    """Validate then take in the manifest, unless it is unchanged since the last full ingest."""
+    """Validate and take in the manifest in one pass, unless it is unchanged since the last
+    full ingest. With an invalid row (and no ``--skip-invalid``) nothing is kept and
+    ``ManifestError`` lists every problem of the file."""
     template = as_book(templates, settings)
     run = await store.only_run()
     stamp = await asyncio.to_thread(manifest_stamp, settings.manifest)
@@ -142,14 +129,10 @@ async def ingest(
     )
     if unchanged and not settings.rerun_changed:
         return IngestReport(), []
-    _good, problems = await asyncio.to_thread(check_manifest, settings.manifest, template)
-    if problems and not settings.skip_invalid:
-        raise ManifestError(problems)
-    report = await store.ingest(
-        run_id, _rows(settings.manifest, template), rerun_changed=settings.rerun_changed
-    )
+    rows = Intake(settings.manifest, template, settings.skip_invalid)
+    report = await store.ingest(run_id, rows, rerun_changed=settings.rerun_changed)
     await store.set_run_stamps(run_id, manifest_stamp=stamp, workflow_fingerprint=fingerprint)
-    return report, problems
+    return report, rows.problems
 
 
 async def _join_fleet(

@@ -78,6 +78,11 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1000
 
 
+def children_peak_rss_mb() -> float:
+    """Largest peak resident set size of any ended child process, MB."""
+    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1000
+
+
 def parser(description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--quick", action="store_true", help="smaller sizes (a smoke run)")

@@ -7,11 +7,10 @@ single writer (BEGIN IMMEDIATE) already serialises every transaction.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import Insert, Table, TableClause
+from sqlalchemy import Insert, Table, TableClause, insert
 from sqlalchemy.dialects import postgresql, sqlite
 
 from batch_runner.store.connection import Conn, Reader
@@ -41,21 +40,26 @@ def upsert(conn: Conn, table: Table, keys: Sequence[str], **values: Any) -> Inse
     return lite.on_conflict_do_update(index_elements=list(keys), set_=changes)
 
 
-@asynccontextmanager
-async def ingest_lock(conn: Conn, run_id: int) -> AsyncIterator[None]:
-    """One ingest of a run at a time across runners; a no-op for SQLite's single runner.
+async def lock_ingest(conn: Conn, run_id: int) -> None:
+    """One ingest of a run at a time across runners; a no-op for SQLite, whose write
+    transaction already excludes every other writer.
 
-    A session-level advisory lock, because an ingest commits in batches.
+    A transaction-level advisory lock: the ingest is one transaction, and the lock goes
+    with its commit or rollback. Under READ COMMITTED the statements after it see the rows
+    an ingest that held it before committed.
     """
-    if not is_postgres(conn):
-        yield
-        return
-    await conn.exec_driver_sql(f"SELECT pg_advisory_lock({INGEST_LOCK_CLASS}, {int(run_id)})")
-    await conn.commit()
-    try:
-        yield
-    finally:
-        # After a failed batch the transaction is aborted; end it before unlocking.
-        await conn.rollback()
-        await conn.exec_driver_sql(f"SELECT pg_advisory_unlock({INGEST_LOCK_CLASS}, {int(run_id)})")
-        await conn.commit()
+    if is_postgres(conn):
+        await conn.exec_driver_sql(
+            f"SELECT pg_advisory_xact_lock({INGEST_LOCK_CLASS}, {int(run_id)})"
+        )
+
+
+def insert_sql(conn: Reader, table: Table, columns: Sequence[str]) -> str:
+    """The driver's own INSERT text for ``columns`` in that order, for executemany with
+    plain tuples (no per-row parameter processing)."""
+    compiled = insert(table).compile(
+        dialect=conn.dialect, column_keys=list(columns), for_executemany=True
+    )
+    if compiled.positiontup != list(columns):  # a column with a default was left out
+        raise ValueError(f"name every column of the INSERT: {compiled.positiontup}")
+    return str(compiled)

@@ -8,15 +8,16 @@ appended to ``job_events`` so a run can be audited afterwards.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import uuid
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import ColumnElement, Select, and_, column, func, insert, or_, select, table, update
+from sqlalchemy import ColumnElement, Select, and_, column, func, or_, select, table, update
 from sqlalchemy.exc import OperationalError
 
 from batch_runner import clock, crashpoints
@@ -54,6 +55,10 @@ from batch_runner.store.records import (
 )
 
 INGEST_BATCH = 2000
+#: Rows per INSERT of a run's first ingest: large, as each executemany has a fixed cost.
+INGEST_FRESH_BATCH = 20_000
+#: Rows read between two chances for an INSERT in flight to go on.
+_INGEST_YIELD_ROWS = 500
 LOCK_RETRIES = 5
 # Keys seen by the ingest in progress (a per-connection temp table) to find removed rows.
 _INGEST_TABLE = table("ingest_keys", column("key"))
@@ -66,6 +71,51 @@ def _now() -> float:
 
 def _dumps(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"), sort_keys=True)
+
+
+#: The columns a new job is inserted with, in the order of ``_new_job_values``.
+_NEW_JOB_COLUMNS = (
+    "run_id",
+    "key",
+    "line",
+    "spec",
+    "content_hash",
+    "in_manifest",
+    "state",
+    "attempts",
+    "last_error",
+    "error_kind",
+    "created_at",
+    "updated_at",
+)
+
+
+def _spec_text(job: NewJob) -> str:
+    return job.spec if isinstance(job.spec, str) else _dumps(job.spec)
+
+
+def _new_job_values(run_id: int, job: NewJob, now: float) -> tuple[Any, ...]:
+    kind = "invalid" if job.state is JobState.SKIPPED else None
+    return (
+        run_id,
+        job.key,
+        job.line,
+        _spec_text(job),
+        job.content_hash,
+        True,
+        job.state.value,
+        0,
+        job.error,
+        kind,
+        now,
+        now,
+    )
+
+
+def _batches(rows: Iterable[NewJob], size: int) -> Iterator[list[NewJob]]:
+    iterator = iter(rows)
+    while batch := list(itertools.islice(iterator, size)):
+        yield batch
 
 
 @dataclass(frozen=True)
@@ -239,7 +289,10 @@ class Store:
     async def ingest(
         self, run_id: int, rows: Iterable[NewJob], *, rerun_changed: bool = False
     ) -> IngestReport:
-        """Take in manifest rows in batches; report new, changed and removed rows.
+        """Take in manifest rows in one transaction; report new, changed and removed rows.
+
+        Nothing is kept unless every row was taken: an exception from ``rows`` (a manifest
+        found invalid once read to the end, say) rolls the whole ingest back.
 
         A row whose content changed is updated in place while it has never been attempted.
         Once it has run, its old result stands and the change is reported, unless
@@ -247,39 +300,31 @@ class Store:
         """
         added = unchanged = updated = restored = 0
         changed: list[str] = []
-        async with (
-            self._lock,
-            self._backend.writer() as conn,
-            dialect.ingest_lock(conn, run_id),
-        ):
-            await conn.exec_driver_sql(
-                "CREATE TEMP TABLE IF NOT EXISTS ingest_keys (key TEXT PRIMARY KEY)"
-            )
-            await conn.exec_driver_sql("DELETE FROM ingest_keys")
-            await conn.commit()
-            batch: list[NewJob] = []
-
-            async def flush() -> None:
-                nonlocal added, unchanged, updated, restored
-                async with conn.begin():
-                    a, u, up, r, ch = await self._ingest_batch(conn, run_id, batch, rerun_changed)
-                added, unchanged, updated, restored = (
-                    added + a,
-                    unchanged + u,
-                    updated + up,
-                    restored + r,
+        removed: tuple[str, ...] = ()
+        async with self._tx() as conn:
+            await dialect.lock_ingest(conn, run_id)
+            # A run's first ingest has nothing to compare with and nothing to remove: its
+            # rows go straight in, without the per-batch lookups.
+            fresh = (
+                await conn.execute(select(jobs.c.id).where(jobs.c.run_id == run_id).limit(1))
+            ).first() is None
+            if fresh:
+                added = await self._ingest_fresh(conn, run_id, rows)
+            else:
+                await conn.exec_driver_sql(
+                    "CREATE TEMP TABLE IF NOT EXISTS ingest_keys (key TEXT PRIMARY KEY)"
                 )
-                changed.extend(ch)
-                batch.clear()
-
-            for row in rows:
-                batch.append(row)
-                if len(batch) >= INGEST_BATCH:
-                    await flush()
+                await conn.exec_driver_sql("DELETE FROM ingest_keys")
+                for batch in _batches(rows, INGEST_BATCH):
+                    a, u, up, r, ch = await self._ingest_batch(conn, run_id, batch, rerun_changed)
+                    added, unchanged, updated, restored = (
+                        added + a,
+                        unchanged + u,
+                        updated + up,
+                        restored + r,
+                    )
+                    changed.extend(ch)
                     await asyncio.sleep(0)
-            if batch:
-                await flush()
-            async with conn.begin():
                 removed_rows = await conn.execute(
                     update(jobs)
                     .where(
@@ -300,6 +345,42 @@ class Store:
             removed=removed,
             restored=restored,
         )
+
+    async def _ingest_fresh(
+        self, conn: Conn, run_id: int, rows: Iterable[NewJob]
+    ) -> int:
+        """Insert every row of a run that has none yet; return how many.
+
+        Each INSERT runs on the driver's side (aiosqlite's thread, the PostgreSQL server)
+        while the next batch is read, so reading and storing overlap.
+        """
+        sql = dialect.insert_sql(conn, jobs, _NEW_JOB_COLUMNS)
+        now = _now()
+        added = 0
+        batch: list[tuple[Any, ...]] = []
+        inserting: asyncio.Task[Any] | None = None
+        try:
+            for job in rows:
+                batch.append(_new_job_values(run_id, job, now))
+                if len(batch) >= INGEST_FRESH_BATCH:
+                    if inserting is not None:
+                        await inserting
+                    inserting = asyncio.create_task(conn.exec_driver_sql(sql, batch))
+                    added += len(batch)
+                    batch = []
+                elif not len(batch) % _INGEST_YIELD_ROWS:
+                    # The INSERT in flight takes a step (each is a hop between threads).
+                    await asyncio.sleep(0)
+            if inserting is not None:
+                await inserting
+            if batch:
+                await conn.exec_driver_sql(sql, batch)
+                added += len(batch)
+        finally:
+            if inserting is not None and not inserting.done():
+                # Leaving early (a row raised): the connection is idle before the rollback.
+                await asyncio.gather(inserting, return_exceptions=True)
+        return added
 
     async def _ingest_batch(
         self, conn: Conn, run_id: int, batch: Sequence[NewJob], rerun_changed: bool
@@ -323,28 +404,13 @@ class Store:
                 ).where(jobs.c.run_id == run_id, jobs.c.key.in_(keys))
             )
         }
-        new_rows: list[dict[str, Any]] = []
+        new_rows: list[tuple[Any, ...]] = []
         unchanged = updated = restored = 0
         changed: list[str] = []
         for job in batch:
             old = existing.get(job.key)
             if old is None:
-                new_rows.append(
-                    {
-                        "run_id": run_id,
-                        "key": job.key,
-                        "line": job.line,
-                        "spec": _dumps(job.spec),
-                        "content_hash": job.content_hash,
-                        "in_manifest": True,
-                        "state": job.state.value,
-                        "attempts": 0,
-                        "last_error": job.error,
-                        "error_kind": "invalid" if job.state is JobState.SKIPPED else None,
-                        "created_at": now,
-                        "updated_at": now,
-                    }
-                )
+                new_rows.append(_new_job_values(run_id, job, now))
                 continue
             if not old.in_manifest:
                 restored += 1
@@ -373,7 +439,7 @@ class Store:
                     .values(changed_hash=job.content_hash, line=job.line)
                 )
         if new_rows:
-            await conn.execute(insert(jobs), new_rows)
+            await conn.exec_driver_sql(dialect.insert_sql(conn, jobs, _NEW_JOB_COLUMNS), new_rows)
         return len(new_rows), unchanged, updated, restored, changed
 
     async def _reset_to_spec(
@@ -383,7 +449,7 @@ class Store:
             update(jobs)
             .where(jobs.c.id == job_id)
             .values(
-                spec=_dumps(job.spec),
+                spec=_spec_text(job),
                 content_hash=job.content_hash,
                 changed_hash=None,
                 line=job.line,

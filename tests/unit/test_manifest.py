@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 from PIL import Image
@@ -235,3 +237,39 @@ def test_overlong_lines_are_reported_and_skipped(
     first, second = read_manifest(jsonl_path)
     assert isinstance(first, RowProblems) and first.line == 1
     assert isinstance(second, JobSpec) and (second.job_id, second.line) == ("b", 2)
+
+
+def _reference_hash(spec: JobSpec) -> str:
+    """The content hash as first defined: canonical JSON of to_json() without the line."""
+    data = spec.to_json()
+    del data["line"]
+    text = json.dumps(data, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def test_hashed_fields_are_to_json_keys_in_sorted_order(folder: Path) -> None:
+    keys = set(JobSpec("a", 2, folder / "a.png", "walk", workflow="w").to_json())
+    assert list(manifest._HASHED_FIELDS) == sorted(keys - {"line", "workflow"})
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {},
+        {"seed": 2**64 - 1, "preset": "720p", "frames": 81, "steps": 4, "switch_step": 2},
+        {"fps": 16.0, "cfg": 3.5, "shift": 1e-7, "width": 832, "height": 480},
+        {"negative_prompt": 'ünïcødé "quoted"\\ \n\t\x01 ✓ 🎬', "output": "clip-1.v2"},
+        {"node_inputs": (("6", "text", "x"), ("KSampler (high)", "seed", 7), ("n", "b", True))},
+        {"workflow": "wan22-fast4", "node_inputs": (("n", "f", 0.1),)},
+        {"workflow": "flows/über.json"},
+        {"negative_prompt": "null", "output": "[]"},
+    ],
+)
+def test_encoded_spec_reads_back_and_hashes_as_canonical_json(
+    folder: Path, changes: dict[str, Any]
+) -> None:
+    spec = JobSpec("job-1", 7, folder / "img" / "a b.png", "a 'prompt', with \"quotes\"", **changes)
+    text, digest = spec.encoded()
+    assert digest == _reference_hash(spec) == spec.content_hash()
+    assert JobSpec.from_json(json.loads(text)) == spec
+    assert None not in json.loads(text).values(), "unset fields are left out of the stored spec"
