@@ -346,9 +346,7 @@ class Store:
             restored=restored,
         )
 
-    async def _ingest_fresh(
-        self, conn: Conn, run_id: int, rows: Iterable[NewJob]
-    ) -> int:
+    async def _ingest_fresh(self, conn: Conn, run_id: int, rows: Iterable[NewJob]) -> int:
         """Insert every row of a run that has none yet; return how many.
 
         Each INSERT runs on the driver's side (aiosqlite's thread, the PostgreSQL server)
