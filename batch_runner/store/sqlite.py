@@ -35,6 +35,8 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
+#: An executemany of at least this many rows runs on the store's thread.
+BULK_ROWS = 500
 #: PRAGMA synchronous levels
 FULL = 2
 NORMAL = 1
@@ -118,6 +120,10 @@ class SqliteConnection:
     async def exec_driver_sql(self, statement: str, parameters: Any = None) -> CursorRows:
         if not self._sync.in_transaction():
             await self.start()
+        if isinstance(parameters, list) and len(parameters) >= BULK_ROWS:
+            # Thousands of rows take milliseconds: on the store's thread (SQLite lets go of
+            # the GIL while it writes) the loop goes on, reading the manifest's next rows.
+            return await self._thread.run(self._sync.exec_driver_sql, statement, parameters)
         return self._sync.exec_driver_sql(statement, parameters)
 
     def begin(self) -> _Begin:
