@@ -4,6 +4,8 @@ the index that matches them (no scan of a million jobs)."""
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -12,28 +14,39 @@ from sqlalchemy import event
 from batch_runner.store import NewJob, Store
 from batch_runner.store.sqlite import SqliteBackend
 
+Statements = list[tuple[str, Any]]
+
+
+@contextmanager
+def statements_of(store: Store) -> Iterator[Statements]:
+    """Every statement the store sends, on its write and its read connection, meanwhile."""
+    seen: Statements = []
+
+    def capture(_c: Any, _cur: Any, statement: str, params: Any, *_rest: Any) -> None:
+        seen.append((statement, params))
+
+    backend = store._backend
+    assert isinstance(backend, SqliteBackend)
+    engines = (backend.engine, backend.reader_engine.sync_engine)
+    for engine in engines:
+        event.listen(engine, "before_cursor_execute", capture)
+    try:
+        yield seen
+    finally:
+        for engine in engines:
+            event.remove(engine, "before_cursor_execute", capture)
+
 
 async def test_claim_queries_search_the_run_state_index(tmp_path: Path) -> None:
     path = tmp_path / "run.sqlite"
-    seen: list[tuple[str, Any]] = []
     async with Store.open(path) as store:
         run = await store.ensure_run("default", "m.csv")
         await store.ingest(run.id, [NewJob(f"k{i}", i, {}, f"h{i}") for i in range(300)])
         endpoint = await store.ensure_endpoint(run.id, "http://127.0.0.1:1")
-
-        def capture(_c: Any, _cur: Any, statement: str, params: Any, *_rest: Any) -> None:
-            seen.append((statement, params))
-
-        backend = store._backend
-        assert isinstance(backend, SqliteBackend)
-        engines = (backend.engine, backend.reader_engine.sync_engine)
-        for engine in engines:
-            event.listen(engine, "before_cursor_execute", capture)
-        await store.claim(run.id, endpoint.id, avoid_grace=10)
-        await store.has_claimable(run.id)
-        await store.count_claimable(run.id, 64)
-        for engine in engines:
-            event.remove(engine, "before_cursor_execute", capture)
+        with statements_of(store) as seen:
+            await store.claim(run.id, endpoint.id, avoid_grace=10)
+            await store.has_claimable(run.id)
+            await store.count_claimable(run.id, 64)
     selects = [
         (s, p) for s, p in seen if s.lstrip().upper().startswith("SELECT") and "FROM jobs" in s
     ]
@@ -54,32 +67,21 @@ async def test_resume_start_up_and_live_display_queries_read_no_row_they_do_not_
     polls: each searches an index; counting jobs by state reads the index alone, and the
     speed window seeks to recent successes."""
     path = tmp_path / "run.sqlite"
-    seen: list[tuple[str, Any]] = []
     async with Store.open(path) as store:
         run = await store.ensure_run("default", "m.csv")
         await store.ingest(run.id, [NewJob(f"k{i}", i, {}, f"h{i}") for i in range(300)])
         endpoint = await store.ensure_endpoint(run.id, "http://127.0.0.1:1")
-
-        def capture(_c: Any, _cur: Any, statement: str, params: Any, *_rest: Any) -> None:
-            seen.append((statement, params))
-
-        backend = store._backend
-        assert isinstance(backend, SqliteBackend)
-        engines = (backend.engine, backend.reader_engine.sync_engine)
-        for engine in engines:
-            event.listen(engine, "before_cursor_execute", capture)
-        await store.ensure_run("default", "m.csv")
-        await store.only_run()
-        await store.release_all_preparing(run.id)
-        await store.ensure_endpoint(run.id, "http://127.0.0.1:1")
-        await store.in_flight(run.id)
-        await store.claim(run.id, endpoint.id)
-        await store.finished_outputs(run.id, after_id=0, finished_before=1e12)
-        await store.counts(run.id)
-        await store.speeds(run.id, 0.0)
-        await store.recent_failures(run.id)
-        for engine in engines:
-            event.remove(engine, "before_cursor_execute", capture)
+        with statements_of(store) as seen:
+            await store.ensure_run("default", "m.csv")
+            await store.only_run()
+            await store.release_all_preparing(run.id)
+            await store.ensure_endpoint(run.id, "http://127.0.0.1:1")
+            await store.in_flight(run.id)
+            await store.claim(run.id, endpoint.id)
+            await store.finished_outputs(run.id, after_id=0, finished_before=1e12)
+            await store.counts(run.id)
+            await store.speeds(run.id, 0.0)
+            await store.recent_failures(run.id)
     reads = [(s, p) for s, p in seen if s.lstrip().upper().startswith("SELECT")]
     with sqlite3.connect(path) as conn:
         for sql, params in reads:
