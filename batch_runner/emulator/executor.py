@@ -104,11 +104,11 @@ class _Run:
     task: Task
     progress: dict[str, JsonDict] = field(default_factory=dict)
     messages: list[list[Any]] = field(default_factory=list)
-    #: When the emulated GPU is done with the steps taken so far (``time.monotonic``), counted
-    #: from the start of the prompt. Steps wait for this deadline rather than sleeping a step
-    #: each, so the emulator's own work (messages, previews, competing for a shared CPU) is
-    #: not added to the GPU time it promises.
-    gpu_deadline: float = field(default_factory=lambda: gpu_clock())
+    #: When the emulated GPU is done with the steps taken so far (on ``gpu_clock``), counted
+    #: from the first step. Steps wait for this deadline rather than sleeping a step each, so
+    #: the emulator's own work between steps (messages, previews, competing for a shared
+    #: CPU) is not added to the GPU time it promises.
+    gpu_deadline: float | None = None
 
 
 class Executor:
@@ -462,8 +462,12 @@ class Executor:
     async def step(self, run: _Run, node_id: str, value: int, total: int) -> None:
         seconds = self.config.step_seconds
         if seconds > 0:
-            run.gpu_deadline += seconds
-            await self._gpu_wait(run.gpu_deadline - gpu_clock())
+            now = gpu_clock()
+            # Behind (a stalled host), steps come no faster than two per step time: a real
+            # GPU does not burst, and clients see the pace they would.
+            owed = now if run.gpu_deadline is None else run.gpu_deadline
+            run.gpu_deadline = max(owed + seconds, now + seconds / 2)
+            await self._gpu_wait(run.gpu_deadline - now)
         else:
             await asyncio.sleep(0)
         if self._interrupt.is_set():

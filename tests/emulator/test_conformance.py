@@ -21,7 +21,9 @@ REPLAYED: dict[str, dict[str, object]] = {
     "05_wan22_placeholder_models": {"placeholder_models": True},
     "06_interrupt_and_cancel": {},
     "06b_progress_messages": {},
-    "07a_ws_reconnect_mid_run": {},
+    # Reopening the socket takes a few ms on a loaded machine: steps long enough that the new
+    # socket joins between the same two messages as recorded.
+    "07a_ws_reconnect_mid_run": {"step_ms": 20.0},
     "07b_prompt_without_client_id": {},
     "07c_finished_before_ws_connect": {},
     "07d_two_sockets_same_clientId": {},
@@ -62,8 +64,9 @@ SKIPPED = {
 def config_for(name: str) -> EmulatorConfig:
     extra = dict(REPLAYED[name])
     preview = bool(extra.pop("preview", False))
+    step_ms = float(extra.pop("step_ms", 2.0))  # type: ignore[arg-type]
     return EmulatorConfig(
-        step_ms=2.0,
+        step_ms=step_ms,
         models=MODELS,
         faults=Faults(preview_frames=preview, preview_bytes=2048),
         **extra,  # type: ignore[arg-type]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 
 import aiohttp
 import pytest
@@ -160,16 +161,17 @@ async def test_history_keeps_at_most_max_history_entries(session: aiohttp.Client
             assert list(await response.json()) == ids[3:4]
 
 
-async def test_emulated_gpu_time_does_not_grow_with_the_emulators_own_work(
-    session: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Step k of a prompt ends k × step_ms after it started, however long the emulator's own
-    work between steps takes (here 7 ms per step on a fake clock), so a benchmark's ideal
-    makespan is what the emulated servers deliver."""
+async def _step_ends(
+    monkeypatch: pytest.MonkeyPatch,
+    session: aiohttp.ClientSession,
+    step_s: float,
+    host_work_s: float,
+) -> list[float]:
+    """When each sampler step of one Wan2.2 prompt ends on a fake clock (starting at 0), with
+    ``host_work_s`` of the emulator's own work after each step."""
     from batch_runner.emulator import executor as executor_mod
 
-    step_s, host_work_s = 0.025, 0.007
-    now = [100.0]
+    now = [0.0]
     step_ends: list[float] = []
 
     async def gpu_wait(seconds: float) -> None:
@@ -187,4 +189,24 @@ async def test_emulated_gpu_time_does_not_grow_with_the_emulators_own_work(
         await socket.wait("executing", node=None, prompt_id=prompt_id)
         await socket.close()
     assert len(step_ends) == 20
-    assert step_ends == pytest.approx([100.0 + k * step_s for k in range(1, 21)])
+    return step_ends
+
+
+async def test_emulated_gpu_time_does_not_grow_with_the_emulators_own_work(
+    session: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Step k of a prompt ends k × step_ms after it started, however long the emulator's own
+    work between steps takes (here 7 ms per 25 ms step), so a benchmark's ideal makespan is
+    what the emulated servers deliver."""
+    ends = await _step_ends(monkeypatch, session, 0.025, 0.007)
+    assert ends == pytest.approx([k * 0.025 for k in range(1, 21)])
+
+
+async def test_a_stalled_emulator_does_not_burst_through_the_steps_it_owes(
+    session: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With more own work per step than the step takes (40 ms per 25 ms step), each step
+    still waits half a step: clients never see a burst of steps."""
+    ends = await _step_ends(monkeypatch, session, 0.025, 0.040)
+    gaps = [later - earlier for earlier, later in itertools.pairwise(ends)]
+    assert min(gaps) == pytest.approx(0.040 + 0.0125)
