@@ -105,10 +105,10 @@ class _Run:
     progress: dict[str, JsonDict] = field(default_factory=dict)
     messages: list[list[Any]] = field(default_factory=list)
     #: When the emulated GPU is done with the steps taken so far (on ``gpu_clock``), counted
-    #: from the first step. Steps wait for this deadline rather than sleeping a step each, so
+    #: from the prompt's start. Steps wait for this deadline rather than sleeping a step each, so
     #: the emulator's own work between steps (messages, previews, competing for a shared
     #: CPU) is not added to the GPU time it promises.
-    gpu_deadline: float | None = None
+    gpu_deadline: float = field(default_factory=lambda: gpu_clock())
 
 
 class Executor:
@@ -465,8 +465,7 @@ class Executor:
             now = gpu_clock()
             # Behind (a stalled host), steps come no faster than two per step time: a real
             # GPU does not burst, and clients see the pace they would.
-            owed = now if run.gpu_deadline is None else run.gpu_deadline
-            run.gpu_deadline = max(owed + seconds, now + seconds / 2)
+            run.gpu_deadline = max(run.gpu_deadline + seconds, now + seconds / 2)
             await self._gpu_wait(run.gpu_deadline - now)
         else:
             await asyncio.sleep(0)
