@@ -103,17 +103,13 @@ class VideoWriter:
         fps: float,
         size: tuple[int, int],
     ) -> None:
-        key = (picture_key, count, fps, size)
+        if self.write_known(path, picture_key, count, fps, size):
+            return
+        data = encode_mp4(picture, count, fps, size)
         with self._lock:
-            data = self._recent.get(key)
-            if data is not None:
-                self._recent.move_to_end(key)
-        if data is None:
-            data = encode_mp4(picture, count, fps, size)
-            with self._lock:
-                self._recent[key] = data
-                while len(self._recent) > self._remembered:
-                    self._recent.popitem(last=False)
+            self._recent[(picture_key, count, fps, size)] = data
+            while len(self._recent) > self._remembered:
+                self._recent.popitem(last=False)
         _write_file(path, data)
 
 

@@ -655,11 +655,7 @@ class Store:
             ).first()
             next_due = (
                 await conn.execute(
-                    select(func.min(jobs.c.next_eligible_at)).where(
-                        jobs.c.run_id == run_id,
-                        jobs.c.state == JobState.RETRY_WAIT.value,
-                        jobs.c.in_manifest.is_(True),
-                    )
+                    select(func.min(jobs.c.next_eligible_at)).where(_retry_waiting(run_id))
                 )
             ).scalar()
         if pending is not None:
@@ -671,13 +667,7 @@ class Store:
     async def count_claimable(self, run_id: int, at_most: int) -> int:
         """How many jobs could be claimed now (pending, or due for retry), counted only up to
         ``at_most`` so the answer costs little however long the run is."""
-        now = _now()
-        due = and_(
-            jobs.c.run_id == run_id,
-            jobs.c.in_manifest.is_(True),
-            jobs.c.state == JobState.RETRY_WAIT.value,
-            jobs.c.next_eligible_at <= now,
-        )
+        due = and_(_retry_waiting(run_id), jobs.c.next_eligible_at <= _now())
         total = 0
         async with self._reading() as conn:
             for where in (_pending(run_id), due):
@@ -1428,6 +1418,15 @@ async def _latest_attempt(conn: Reader, job_id: int) -> AttemptRecord:
 def _rejected(job_id: int, current: str | None, to: JobState) -> TransitionRejected:
     return TransitionRejected(
         f"job {job_id}: cannot move from {current or 'missing'} to {to.value}"
+    )
+
+
+def _retry_waiting(run_id: int) -> ColumnElement[bool]:
+    """Jobs of the run waiting to be retried (due or not; removed rows excluded)."""
+    return and_(
+        jobs.c.run_id == run_id,
+        jobs.c.state == JobState.RETRY_WAIT.value,
+        jobs.c.in_manifest.is_(True),
     )
 
 
