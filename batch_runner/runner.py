@@ -18,6 +18,7 @@ from batch_runner.errors import (
     ManifestProblem,
 )
 from batch_runner.fleet import FleetMember, default_name, run_alongside
+from batch_runner.heap import fix_mmap_threshold
 from batch_runner.intake import Intake, SpecCheck
 from batch_runner.jobflow import JobFlow
 from batch_runner.lane import Lane
@@ -182,6 +183,8 @@ async def run_batch(
     stopping: asyncio.Event,
     monitor: Monitor | None = None,
 ) -> RunSummary:
+    # Before the ingest frees its big batches, which would raise glibc's threshold.
+    fix_mmap_threshold()
     template = as_book(templates, settings)
     settings.output_dir.mkdir(parents=True, exist_ok=True)
     async with AsyncExitStack() as stack:
