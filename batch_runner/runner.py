@@ -216,8 +216,9 @@ async def run_batch(
 
         lanes = []
         # Endpoints that answer but cannot run the workflow are left out before any job starts.
-        for ep in await preflight:
-            record = await store.ensure_endpoint(run.id, ep.url)
+        usable = await preflight
+        records = await store.ensure_endpoints(run.id, [ep.url for ep in usable])
+        for ep, record in zip(usable, records, strict=True):
             if member is not None:
                 record = member.endpoint_view(record)
             lane = Lane(ep, record, endpoint_timeout=settings.timeouts.endpoint)

@@ -267,17 +267,26 @@ class Store:
             )
 
     async def ensure_endpoint(self, run_id: int, url: str) -> EndpointRecord:
-        async with self._tx() as conn:
-            where = and_(endpoints.c.run_id == run_id, endpoints.c.url == url)
-            row = (await conn.execute(select(endpoints).where(where))).first()
-            if row is None:
+        return (await self.ensure_endpoints(run_id, [url]))[0]
+
+    async def ensure_endpoints(self, run_id: int, urls: Sequence[str]) -> list[EndpointRecord]:
+        """The run's record of each endpoint, in ``urls``' order; new ones get a client id.
+
+        One transaction for all and not a durable one: a run starts with one commit here
+        instead of a disk sync per endpoint. A record lost to a power cut is made again
+        with a new client id, which only names the websocket connection.
+        """
+        async with self._tx(durable=False) as conn:
+            where = and_(endpoints.c.run_id == run_id, endpoints.c.url.in_(urls))
+            known = {r.url: r for r in await conn.execute(select(endpoints).where(where))}
+            missing = [u for u in dict.fromkeys(urls) if u not in known]
+            if missing:
                 await conn.execute(
-                    dialect.insert_ignoring_duplicates(conn, endpoints).values(
-                        run_id=run_id, url=url, client_id=uuid.uuid4().hex
-                    )
+                    dialect.insert_ignoring_duplicates(conn, endpoints),
+                    [{"run_id": run_id, "url": u, "client_id": uuid.uuid4().hex} for u in missing],
                 )
-                row = (await conn.execute(select(endpoints).where(where))).one()
-            return EndpointRecord(row.id, row.url, row.client_id)
+                known = {r.url: r for r in await conn.execute(select(endpoints).where(where))}
+            return [EndpointRecord(known[u].id, known[u].url, known[u].client_id) for u in urls]
 
     async def endpoints_of(self, run_id: int) -> list[EndpointRecord]:
         async with self._reading() as conn:

@@ -235,3 +235,17 @@ async def test_finished_outputs_come_in_pages_and_leave_out_this_runs_own(store:
     assert [o.job_id for o in outputs] == earlier
     first = outputs[0]
     assert (first.path, first.sha256, first.size) == (f"/o/{first.key}.mp4", first.key, 2)
+
+
+async def test_endpoints_are_recorded_together_in_the_order_asked(store: Store) -> None:
+    run = await store.ensure_run("default", "m.csv")
+    first = await store.ensure_endpoint(run.id, "http://127.0.0.1:2")
+    urls = ["http://127.0.0.1:3", "http://127.0.0.1:2", "http://127.0.0.1:1"]
+    records = await store.ensure_endpoints(run.id, urls)
+    assert [r.url for r in records] == urls
+    assert records[1] == first, "a known endpoint keeps its id and client id"
+    assert len({r.id for r in records}) == 3 and len({r.client_id for r in records}) == 3
+    assert await store.ensure_endpoints(run.id, urls) == records
+    assert sorted(await store.endpoints_of(run.id), key=lambda r: r.id) == sorted(
+        records, key=lambda r: r.id
+    )
