@@ -43,6 +43,10 @@ OOM_MESSAGE = (
 )
 
 
+#: Weight of the newest prompt in the estimate of the work after the last step.
+TAIL_WEIGHT = 0.3
+
+
 def gpu_clock() -> float:
     """The clock emulated GPU time is counted on (tests replace it)."""
     return time.monotonic()
@@ -109,6 +113,8 @@ class _Run:
     #: the emulator's own work between steps (messages, previews, competing for a shared
     #: CPU) is not added to the GPU time it promises.
     gpu_deadline: float = field(default_factory=lambda: gpu_clock())
+    #: Whether a step waited for emulated GPU time.
+    stepped: bool = False
 
 
 class Executor:
@@ -128,6 +134,10 @@ class Executor:
         self.models = config.model_files
         self.video_max_side = config.video_max_side
         self._on_crash = on_crash
+        #: Time the emulator's own work after the last step takes (writing the video, the
+        #: last messages), as measured on the prompts before; taken out of the steps' time so
+        #: that a prompt lasts its steps × step time from start to success, as promised.
+        self._tail_s = 0.0
         # Emulator-level statistics: they survive restarts, so duplicates across crashes show.
         self.executions: Counter[str] = Counter()
         self.switch_gaps_ms: deque[float] = deque(maxlen=_GAPS_KEPT)
@@ -304,7 +314,7 @@ class Executor:
         return extra
 
     async def _execute(self, task: Task) -> JsonDict:
-        run = _Run(task)
+        run = _Run(task, gpu_deadline=gpu_clock() - self._tail_s)
         prompt_id = task.prompt_id
         self._interrupt.clear()
         self.executions[prompt_id] += 1
@@ -366,6 +376,8 @@ class Executor:
                     entry["value"] = 1.0
                 entry["state"] = "finished"
                 self._progress(run)
+            if run.stepped:
+                self._learn_tail(gpu_clock() - run.gpu_deadline)
             self._record(run, "execution_success", {"prompt_id": prompt_id, "timestamp": now_ms()})
         except _Interrupted as stop:
             status = "error"
@@ -454,6 +466,11 @@ class Executor:
             "timestamp": now_ms(),
         }
 
+    def _learn_tail(self, seconds: float) -> None:
+        # Bounded by one step, so one slow write cannot shorten the next prompts by much.
+        seconds = min(max(seconds, 0.0), self.config.step_seconds)
+        self._tail_s += TAIL_WEIGHT * (seconds - self._tail_s)
+
     async def _gpu_wait(self, seconds: float) -> None:
         """Let emulated GPU time pass; an interrupt ends the wait early."""
         with contextlib.suppress(TimeoutError):
@@ -466,6 +483,7 @@ class Executor:
             # Behind (a stalled host), steps come no faster than two per step time: a real
             # GPU does not burst, and clients see the pace they would.
             run.gpu_deadline = max(run.gpu_deadline + seconds, now + seconds / 2)
+            run.stepped = True
             await self._gpu_wait(run.gpu_deadline - now)
         else:
             await asyncio.sleep(0)

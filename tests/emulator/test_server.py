@@ -202,6 +202,42 @@ async def test_emulated_gpu_time_does_not_grow_with_the_emulators_own_work(
     assert ends == pytest.approx([k * 0.025 for k in range(1, 21)])
 
 
+async def test_a_prompt_lasts_its_gpu_time_with_the_emulators_own_work_after_the_steps(
+    session: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The emulator's own work after the last step (here 7 ms, on a fake clock that only
+    moves while steps wait) is learnt from the prompts before and taken out of the steps'
+    time: the first prompt lasts 507 ms for its 20 × 25 ms, later ones come to 500 ms."""
+    from batch_runner.emulator import executor as executor_mod
+
+    now = [0.0]
+    ends: list[float] = []
+
+    async def gpu_wait(seconds: float) -> None:
+        now[0] += max(seconds, 0.0) + 0.007
+        ends.append(now[0])
+
+    monkeypatch.setattr(executor_mod, "gpu_clock", lambda: now[0])
+    async with Emulator(EmulatorConfig(step_ms=25, models=WAN22_MODELS)) as emulator:
+        monkeypatch.setattr(emulator._require().executor, "_gpu_wait", gpu_wait)
+        await upload(session, emulator.url, "start.png")
+        client_id = new_id()
+        socket = await connect(session, emulator.url, client_id)
+        for seed in range(8):
+            workflow = wan_workflow("start.png")
+            workflow["57"]["inputs"]["noise_seed"] = seed  # not served from the cache
+            prompt_id = await submit(session, emulator.url, workflow, client_id)
+            await socket.wait("executing", node=None, prompt_id=prompt_id)
+        await socket.close()
+    # Each prompt ends when its last step's work is done; the clock does not move otherwise.
+    assert len(ends) == 8 * 20, len(ends)
+    prompt_ends = ends[19::20]
+    spans = [b - a for a, b in itertools.pairwise([0.0, *prompt_ends])]
+    assert spans[0] == pytest.approx(0.507)
+    assert all(later < earlier for earlier, later in itertools.pairwise(spans))
+    assert spans[-1] == pytest.approx(0.500, abs=0.001)
+
+
 async def test_a_stalled_emulator_does_not_burst_through_the_steps_it_owes(
     session: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
 ) -> None:
