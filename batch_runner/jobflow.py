@@ -178,6 +178,7 @@ class JobFlow:
             error: EndpointError = exc
             if "Invalid image file" in str(exc):
                 # The server lost the input image we uploaded earlier (restart, cleanup).
+                lane.forget_uploads()
                 await self.store.forget_uploads(lane.record.id)
                 error = StaleUpload(str(exc), endpoint=lane.name)
             await self._attempt_error(job, attempt, lane, error)

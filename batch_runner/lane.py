@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from typing import TypeVar
@@ -30,6 +31,9 @@ log = logging.getLogger(__name__)
 PROBE_MAX_DELAY_S = 30.0
 
 T = TypeVar("T")
+
+#: Uploaded images a lane remembers without asking the store (sha256 → server name).
+UPLOADS_REMEMBERED = 4096
 
 
 class EndpointGone(EndpointUnavailable):
@@ -67,6 +71,7 @@ class Lane:
         self.ws_ready = asyncio.Event()
         self._probe: asyncio.Task[None] | None = None
         self._upload_locks: dict[str, asyncio.Lock] = {}
+        self._uploaded: OrderedDict[str, str] = OrderedDict()
         self._tasks: set[asyncio.Task[None]] = set()
 
     @property
@@ -237,6 +242,10 @@ class Lane:
                 log.info("%s: reconcile of %s failed: %s", self.name, watch.prompt_id, exc)
                 return
 
+    def forget_uploads(self) -> None:
+        """The server lost its input images: upload each one again when a job needs it."""
+        self._uploaded.clear()
+
     async def upload(
         self,
         *,
@@ -247,6 +256,11 @@ class Lane:
         remember: Callable[[str], Awaitable[None]],
     ) -> str:
         """Upload an image once per endpoint (content-addressed), returning the server's name."""
+        name = self._uploaded.get(sha256)
+        if name is not None:
+            # Jobs sharing an image (the usual case) do not ask the store each time.
+            self._uploaded.move_to_end(sha256)
+            return name
         # One upload per image even when several jobs of this endpoint need it at once.
         lock = self._upload_locks.setdefault(sha256, asyncio.Lock())
         try:
@@ -258,6 +272,9 @@ class Lane:
                         lambda: self.client.upload_image(data, filename), wait=False
                     )
                     await remember(name)
+                self._uploaded[sha256] = name
+                if len(self._uploaded) > UPLOADS_REMEMBERED:
+                    self._uploaded.popitem(last=False)
                 return name
         finally:
             if not lock.locked():

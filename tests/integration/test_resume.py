@@ -227,3 +227,29 @@ async def test_a_stop_cancels_the_output_check_and_the_next_run_checks_again(
         assert len(emulator.executions) == made_before + 1
     made = hashlib.sha256((settings.output_dir / "b.mp4").read_bytes()).hexdigest()
     assert made == recorded_sha256(settings.db, "b")
+
+
+async def test_a_server_that_lost_its_input_images_gets_them_uploaded_again(
+    tmp_path: Path,
+) -> None:
+    """The store and the lanes both remember that an image is on a server; when the server
+    rejects a prompt for a missing input (restarted with its input folder cleaned), both
+    forget it and the job's next attempt uploads it again."""
+    make_image(tmp_path / "a.png", (64, 48))
+    manifest = write_csv(tmp_path / "jobs.csv", rows(("a", "one")))
+    async with Emulator(FAST) as emulator:
+        settings = settings_for(manifest, [emulator.url])
+        assert (await run(settings)).exit_code == 0
+        inputs = emulator.data_dir / "input"
+        uploaded = sorted(p.name for p in inputs.iterdir())
+        assert uploaded
+        for name in uploaded:
+            (inputs / name).unlink()
+
+        write_csv(manifest, rows(("a", "one"), ("b", "two"), ("c", "three"), ("d", "four")))
+        assert (await run(settings)).exit_code == 0
+        assert sorted(p.name for p in inputs.iterdir()) == uploaded
+    assert set(job_states(settings.db).values()) == {"succeeded"}
+    with sqlite3.connect(settings.db) as conn:
+        [(retried,)] = conn.execute("SELECT count(*) FROM jobs WHERE attempts > 1")
+    assert retried >= 1, "the first prompt with the lost image was rejected"
