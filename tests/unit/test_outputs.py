@@ -6,6 +6,7 @@ import asyncio
 import errno
 import hashlib
 import os
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from fractions import Fraction
 from pathlib import Path
@@ -106,6 +107,31 @@ async def test_download_writes_hashes_and_fsyncs(
     assert leftovers(tmp_path) == [".incoming/job-42.mp4"]
     # the data under its temporary name, then the folder after the rename
     assert synced == [str(dest) + ".part", str(dest.parent)]
+
+
+async def test_the_loop_runs_on_while_a_download_is_synced_to_disk(
+    view_server: Any, video: bytes, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A sync on a slow disk must not stall every endpoint's traffic: each fsync here waits
+    until the event loop has run a callback, which it can only do if the sync is elsewhere."""
+
+    async def view(request: web.Request) -> web.Response:
+        return web.Response(body=video, content_type="video/mp4")
+
+    client = await view_server(view)
+    loop = asyncio.get_running_loop()
+    real_fsync = os.fsync
+    loop_ran: list[bool] = []
+
+    def slow_disk(fd: int) -> None:
+        seen = threading.Event()
+        loop.call_soon_threadsafe(seen.set)
+        loop_ran.append(seen.wait(timeout=5))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", slow_disk)
+    await download(client, vfile(), tmp_path / "job-1.mp4", base_dir=tmp_path)
+    assert loop_ran == [True, True]
 
 
 async def test_truncated_body_leaves_nothing(tmp_path: Path) -> None:
