@@ -166,3 +166,62 @@ async def test_postgresql_keeps_its_indexes_through_a_first_ingest(pg_url: str) 
             assert await conn.run_sync(diff) == []
     finally:
         await engine.dispose()
+
+
+async def test_new_jobs_are_stored_alike_by_a_first_and_a_later_ingest(tmp_path: Path) -> None:
+    from batch_runner.states import JobState
+
+    def new(prefix: str) -> list[NewJob]:
+        return [
+            NewJob(f"{prefix}0", 2, '{"line":2,"prompt":"p"}', "h0"),
+            NewJob(f"{prefix}1", 3, {"prompt": "q", "line": 3}, "h1"),
+            NewJob(f"{prefix}2", 4, {"invalid": "bad"}, "h2", JobState.SKIPPED, "bad"),
+        ]
+
+    path = tmp_path / "run.sqlite"
+    async with Store.open(path) as store:
+        run = await store.ensure_run("default", "m.csv")
+        await store.ingest(run.id, new("a"))  # the first ingest
+        await store.ingest(run.id, new("a") + new("b"))  # a later one adds the b rows
+    with sqlite3.connect(path) as conn:
+        stored = {
+            key: rest
+            for key, *rest in conn.execute(
+                "SELECT key, line, spec, content_hash, in_manifest, state, attempts, last_error,"
+                " error_kind, created_at = updated_at FROM jobs"
+            )
+        }
+    for prefix in "ab":
+        assert stored[f"{prefix}0"] == [
+            2,
+            '{"line":2,"prompt":"p"}',
+            "h0",
+            1,
+            "pending",
+            0,
+            None,
+            None,
+            1,
+        ]
+        assert stored[f"{prefix}1"] == [
+            3,
+            '{"line":3,"prompt":"q"}',
+            "h1",
+            1,
+            "pending",
+            0,
+            None,
+            None,
+            1,
+        ]
+        assert stored[f"{prefix}2"] == [
+            4,
+            '{"invalid":"bad"}',
+            "h2",
+            1,
+            "skipped",
+            0,
+            "bad",
+            "invalid",
+            1,
+        ]
