@@ -1114,8 +1114,9 @@ class RowReader:
             draft.problems += problems
         if draft.problems:
             return RowProblems(draft.line, draft.problems, draft.explicit_id)
-        assert draft.spec is not None  # a draft without problems has one
-        return draft.spec
+        spec = draft.spec  # built on each access
+        assert spec is not None  # a draft without problems has one
+        return spec
 
     def _draft(
         self,
