@@ -39,9 +39,9 @@ import re
 from array import array
 from collections import deque
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from functools import lru_cache, partial
-from operator import attrgetter
+from operator import attrgetter, itemgetter
 from pathlib import Path, PurePath
 from typing import IO, Any, Final
 
@@ -93,18 +93,7 @@ class JobSpec:
         The hash is of ``to_json()`` without ``line``, as canonical JSON (keys sorted, no
         spaces, non-ASCII kept); this writes that text directly, a value at a time.
         """
-        values = _hashed_values(self)
-        # Texts for this row's shape (which fields are set) have the unset ones written in.
-        shape = (*map(_unset, values), not self.node_inputs, self.workflow is None)
-        forms = _ENCODED_FORMS.get(shape)
-        if forms is None:
-            forms = _encoded_forms(shape)
-        hashed, stored, picks = forms
-        args = [_json_value(values[i]) for i in picks]
-        if self.workflow is not None:
-            args.append(_json_value(self.workflow))
-        digest = hashlib.sha256((hashed % tuple(args)).encode("utf-8")).hexdigest()
-        return stored % (self.line, *args), digest
+        return _encode(_hashed_values(self), self.line, self.workflow)
 
     def to_json(self) -> dict[str, object]:
         """Return a JSON-serialisable dict; ``from_json`` reads it back."""
@@ -191,6 +180,21 @@ _NODE_INPUTS: Final = _HASHED_FIELDS.index("node_inputs")
 #: ``%`` placeholders. Shapes are few in a manifest; the bound is for hostile ones.
 _ENCODED_FORMS: dict[tuple[bool, ...], tuple[str, str, tuple[int, ...]]] = {}
 _MAX_FORMS: Final = 4096
+
+
+def _encode(values: tuple[Any, ...], line: int, workflow: str | None) -> tuple[str, str]:
+    """``JobSpec.encoded`` of the spec with these values (``_HASHED_FIELDS``' order)."""
+    # Texts for this row's shape (which fields are set) have the unset ones written in.
+    shape = (*map(_unset, values), not values[_NODE_INPUTS], workflow is None)
+    forms = _ENCODED_FORMS.get(shape)
+    if forms is None:
+        forms = _encoded_forms(shape)
+    hashed, stored, picks = forms
+    args = [_json_value(values[i]) for i in picks]
+    if workflow is not None:
+        args.append(_json_value(workflow))
+    digest = hashlib.sha256((hashed % tuple(args)).encode("utf-8")).hexdigest()
+    return stored % (line, *args), digest
 
 
 def _encoded_forms(shape: tuple[bool, ...]) -> tuple[str, str, tuple[int, ...]]:
@@ -395,27 +399,59 @@ def _number(limit: float) -> tuple[Callable[[str], Any], Callable[[Any], Any]]:
     return from_csv, from_json
 
 
+# The checks are bound with partial, not lambdas: a cell of every row goes through them.
 _CONVERTERS: Final[dict[str, tuple[Callable[[str], Any], Callable[[Any], Any]]]] = {
-    "id": _text(lambda v: _check_name(v, "id")),
+    "id": _text(partial(_check_name, what="id")),
     "image": _text(None),
-    "prompt": _text(lambda v: _check_text(v, "prompt")),
-    "negative_prompt": _text(lambda v: _check_text(v, "negative prompt")),
+    "prompt": _text(partial(_check_text, what="prompt")),
+    "negative_prompt": _text(partial(_check_text, what="negative prompt")),
     "seed": _whole(_check_seed),
     "preset": _text(_check_preset),
     "width": _whole(_check_side),
     "height": _whole(_check_side),
     "frames": _whole(_check_frames),
     "fps": _number(1000),
-    "steps": _whole(lambda v: _check_positive(v, MAX_STEPS)),
+    "steps": _whole(partial(_check_positive, limit=MAX_STEPS)),
     "cfg": _number(100),
     "shift": _number(100),
     "switch_step": _whole(_check_switch),
-    "output": _text(lambda v: _check_name(v, "output name")),
+    "output": _text(partial(_check_name, what="output name")),
     "workflow": _text(_check_workflow),
 }
 KNOWN_COLUMNS: Final = tuple(_CONVERTERS)
 #: CSV cells as they are converted; text taken as it is (the image, node columns) has none.
 _CSV_CONVERTERS: Final = {name: pair[0] for name, pair in _CONVERTERS.items() if name != "image"}
+#: Columns whose cells a manifest mostly repeats from row to row (the same preset, steps,
+#: negative prompt...): within one read, each distinct cell is converted once. Not those
+#: that usually differ on every row (id, prompt, seed, output), where the cache would only
+#: cost. Bad cells raise each time (a cache keeps only values).
+_REPEATED_COLUMNS: Final = frozenset(
+    (
+        "negative_prompt",
+        "preset",
+        "width",
+        "height",
+        "frames",
+        "fps",
+        "steps",
+        "cfg",
+        "shift",
+        "switch_step",
+        "workflow",
+    )
+)
+_REPEATED_CELLS: Final = 256
+
+
+def _csv_converter(name: str) -> Callable[[str], Any] | None:
+    """The converter of a CSV column for one read."""
+    convert = _CSV_CONVERTERS.get(name)
+    if convert is not None and name in _REPEATED_COLUMNS:
+        # Converters are pure functions of the cell's text; lru_cache is C, a hit no call.
+        return lru_cache(maxsize=_REPEATED_CELLS)(convert)
+    return convert
+
+
 #: The columns a row's derived id is made of (besides the image), in their historic order.
 _ID_COLUMNS: Final = tuple(c for c in KNOWN_COLUMNS if c not in ("id", "image", "workflow"))
 
@@ -564,8 +600,27 @@ class RowDraft:
     #: the explicit id, else the derived one when the row has no problems
     job_id: str | None = None
     output: str | None = None
-    #: when the row has no problems
-    spec: JobSpec | None = None
+    #: when the row has no problems: its spec's values in ``SPEC_FIELDS`` order. Building
+    #: the JobSpec (``spec``) costs more than encoding it, so a caller that only needs the
+    #: encoded spec (``encoded``) and a few of its values does without one.
+    values: tuple[Any, ...] | None = None
+
+    @property
+    def spec(self) -> JobSpec | None:
+        return None if self.values is None else JobSpec(*self.values)
+
+    def encoded(self) -> tuple[str, str]:
+        """``JobSpec.encoded`` of the row's spec (a row without problems)."""
+        assert self.values is not None
+        values = self.values
+        return _encode(_hashed_items(values), values[_LINE], values[_WORKFLOW])
+
+
+#: JobSpec's fields in order, as ``RowDraft.values`` holds them.
+SPEC_FIELDS: Final = tuple(f.name for f in fields(JobSpec))
+_LINE: Final = SPEC_FIELDS.index("line")
+_WORKFLOW: Final = SPEC_FIELDS.index("workflow")
+_hashed_items: Final = itemgetter(*map(SPEC_FIELDS.index, _HASHED_FIELDS))
 
 
 # ----------------------------------------------------------------------------- public entry points
@@ -883,7 +938,7 @@ class RowReader:
         and follows ``header_lines`` lines."""
         # The header is valid, so each column is either known or a node column (whose
         # converter is never used).
-        plan = [(name, _CSV_CONVERTERS.get(name), parse_node_column(name)) for name in columns]
+        plan = [(name, _csv_converter(name), parse_node_column(name)) for name in columns]
         width = len(columns)
         recent: deque[str] = deque(maxlen=_RECENT_LINES)
         long_lines: list[int] = []
@@ -1059,8 +1114,9 @@ class RowReader:
             draft.problems += problems
         if draft.problems:
             return RowProblems(draft.line, draft.problems, draft.explicit_id)
-        assert draft.spec is not None  # a draft without problems has one
-        return draft.spec
+        spec = draft.spec  # built on each access
+        assert spec is not None  # a draft without problems has one
+        return spec
 
     def _draft(
         self,
@@ -1098,8 +1154,10 @@ class RowReader:
         job_id = explicit_id or _derive_id(image_key, values, nodes)
         assert image is not None and prompt is not None  # else a problem
         del values["image"], values["prompt"]
-        spec = JobSpec(job_id, line, image, prompt, node_inputs=tuple(nodes), **values)
-        return RowDraft(line, problems, explicit_id, job_id, output, spec)
+        values.update(job_id=job_id, line=line, image=image, prompt=prompt)
+        values["node_inputs"] = tuple(nodes)
+        spec_values = tuple(map(values.get, SPEC_FIELDS))  # unset: None, their default
+        return RowDraft(line, problems, explicit_id, job_id, output, spec_values)
 
     def _probe_image(self, text: str) -> tuple[Path, str, str | None]:
         """Resolve an image path; return (absolute path, id key, problem or None)."""

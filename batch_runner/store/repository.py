@@ -94,22 +94,19 @@ def _spec_text(job: NewJob) -> str:
     return job.spec if isinstance(job.spec, str) else _dumps(job.spec)
 
 
+#: Per state, the ``state`` and ``error_kind`` columns of a new job in it: looked up once
+#: here, as an enum member's ``value`` costs more than building the rest of the row.
+_NEW_JOB_STATES: dict[JobState, tuple[str, str | None]] = {
+    state: (state.value, "invalid" if state is JobState.SKIPPED else None) for state in JobState
+}
+
+
 def _new_job_values(run_id: int, job: NewJob, now: float) -> tuple[Any, ...]:
-    kind = "invalid" if job.state is JobState.SKIPPED else None
-    return (
-        run_id,
-        job.key,
-        job.line,
-        _spec_text(job),
-        job.content_hash,
-        True,
-        job.state.value,
-        0,
-        job.error,
-        kind,
-        now,
-        now,
-    )
+    key, line, spec, content_hash, state, error = job
+    state_text, kind = _NEW_JOB_STATES[state]
+    if not isinstance(spec, str):
+        spec = _dumps(spec)
+    return (run_id, key, line, spec, content_hash, True, state_text, 0, error, kind, now, now)
 
 
 def _batches(rows: Iterable[NewJob], size: int) -> Iterator[list[NewJob]]:
@@ -362,20 +359,23 @@ class Store:
         while the next batch is read, so reading and storing overlap.
         """
         sql = dialect.insert_sql(conn, jobs, _NEW_JOB_COLUMNS)
+        # The first ingest into a new database: the indexes are built once, at the end.
+        create_indexes = await dialect.drop_indexes_while_empty(conn, jobs)
         now = _now()
         added = 0
         batch: list[tuple[Any, ...]] = []
         inserting: asyncio.Task[Any] | None = None
         try:
-            for job in rows:
-                batch.append(_new_job_values(run_id, job, now))
+            # Read in steps, so that the per-row work is one call in a comprehension.
+            for step in _batches(rows, min(_INGEST_YIELD_ROWS, INGEST_FRESH_BATCH)):
+                batch += [_new_job_values(run_id, job, now) for job in step]
                 if len(batch) >= INGEST_FRESH_BATCH:
                     if inserting is not None:
                         await inserting
                     inserting = asyncio.create_task(conn.exec_driver_sql(sql, batch))
                     added += len(batch)
                     batch = []
-                elif not len(batch) % _INGEST_YIELD_ROWS:
+                else:
                     # The INSERT in flight takes a step (each is a hop between threads).
                     await asyncio.sleep(0)
             if inserting is not None:
@@ -383,6 +383,7 @@ class Store:
             if batch:
                 await conn.exec_driver_sql(sql, batch)
                 added += len(batch)
+            await dialect.create_indexes(conn, create_indexes)
         finally:
             if inserting is not None and not inserting.done():
                 # Leaving early (a row raised): the connection is idle before the rollback.

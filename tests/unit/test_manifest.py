@@ -247,6 +247,35 @@ def _reference_hash(spec: JobSpec) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
+def _reference_text(spec: JobSpec) -> str:
+    """The stored spec as first written: the line, then the set fields in sorted order."""
+    data = spec.to_json()
+    line = data.pop("line")
+    if not data["node_inputs"]:
+        del data["node_inputs"]
+    kept = {key: data[key] for key in sorted(data) if data[key] is not None}
+    return json.dumps({"line": line, **kept}, ensure_ascii=False, separators=(",", ":"))
+
+
+def test_a_draft_encodes_as_its_spec(folder: Path) -> None:
+    path = _write(
+        folder / "m.csv",
+        "id,image,prompt,seed,fps,node.6.text,workflow,negative_prompt\n"
+        "a,img/a.png,walk,7,16,,,\n"
+        'b,img/b.png,"run, ""fast""",,12.5,hello,wan22-fast4,ünï\n'
+        ",img/a.png,sit,,,,,\n",
+    )
+    reader, columns = manifest.open_manifest(path)
+    assert columns is not None
+    with path.open(encoding="utf-8", newline="") as handle:
+        drafts = list(reader.csv_drafts(columns, handle, 0))
+    assert len(drafts) == 3
+    for draft in drafts:
+        spec = draft.spec
+        assert spec is not None and spec.line == draft.line and spec.job_id == draft.job_id
+        assert draft.encoded() == spec.encoded()
+
+
 def test_hashed_fields_are_to_json_keys_in_sorted_order(folder: Path) -> None:
     keys = set(JobSpec("a", 2, folder / "a.png", "walk", workflow="w").to_json())
     assert list(manifest._HASHED_FIELDS) == sorted(keys - {"line", "workflow"})
@@ -271,5 +300,6 @@ def test_encoded_spec_reads_back_and_hashes_as_canonical_json(
     spec = JobSpec("job-1", 7, folder / "img" / "a b.png", "a 'prompt', with \"quotes\"", **changes)
     text, digest = spec.encoded()
     assert digest == _reference_hash(spec) == spec.content_hash()
+    assert text == _reference_text(spec)
     assert JobSpec.from_json(json.loads(text)) == spec
     assert None not in json.loads(text).values(), "unset fields are left out of the stored spec"

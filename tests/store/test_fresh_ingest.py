@@ -1,0 +1,227 @@
+"""A run's first ingest into a new SQLite database builds the jobs indexes once, at the end;
+whatever happens, the schema afterwards is the one the database had."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy import create_engine
+from sqlalchemy.ext.asyncio import create_async_engine
+
+from batch_runner.errors import ManifestError, ManifestProblem
+from batch_runner.store import NewJob, Store, dialect
+from batch_runner.store import repository as repository_mod
+from batch_runner.store.connection import Conn
+from batch_runner.store.models import jobs, metadata
+
+JOBS_INDEXES = sorted(index.name for index in jobs.indexes if isinstance(index.name, str))
+
+
+def rows(n: int, prefix: str = "k") -> list[NewJob]:
+    return [NewJob(f"{prefix}{i}", i + 2, {"prompt": f"p{i}"}, f"h{i}") for i in range(n)]
+
+
+def schema(path: Path) -> list[tuple[Any, ...]]:
+    with sqlite3.connect(path) as conn:
+        return sorted(conn.execute("SELECT type, name, tbl_name, sql FROM sqlite_master"))
+
+
+def jobs_indexes(path: Path) -> list[str]:
+    with sqlite3.connect(path) as conn:
+        found = conn.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'jobs' "
+            "AND sql IS NOT NULL ORDER BY name"
+        )
+        return [name for (name,) in found]
+
+
+def schema_diff(path: Path) -> list[object]:
+    engine = create_engine(f"sqlite:///{path}")
+    try:
+        with engine.connect() as conn:
+            return list(compare_metadata(MigrationContext.configure(conn), metadata))
+    finally:
+        engine.dispose()
+
+
+def integrity(path: Path) -> list[str]:
+    with sqlite3.connect(path) as conn:
+        return [r for (r,) in conn.execute("PRAGMA integrity_check")]
+
+
+@pytest.fixture
+def indexes_while_inserting(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
+    """The jobs indexes the ingest's transaction sees once every row is in, per ingest."""
+    seen: list[list[str]] = []
+    create_indexes = dialect.create_indexes
+
+    async def spying(conn: Conn, statements: list[str]) -> None:
+        listed = await conn.exec_driver_sql("PRAGMA index_list(jobs)")
+        seen.append(sorted(row[1] for row in listed if row[3] == "c"))  # made by CREATE INDEX
+        await create_indexes(conn, statements)
+
+    monkeypatch.setattr(dialect, "create_indexes", spying)
+    # Several INSERT batches, so one is in flight while the next is read.
+    monkeypatch.setattr(repository_mod, "INGEST_FRESH_BATCH", 7)
+    return seen
+
+
+async def test_the_first_ingest_builds_the_indexes_at_the_end_as_they_were(
+    tmp_path: Path, indexes_while_inserting: list[list[str]]
+) -> None:
+    path = tmp_path / "run.sqlite"
+    async with Store.open(path) as store:
+        before = schema(path)
+        run = await store.ensure_run("default", "m.csv")
+        report = await store.ingest(run.id, rows(30))
+        assert report.added == 30
+        assert sum((await store.counts(run.id)).values()) == 30
+    assert indexes_while_inserting == [[]]
+    assert jobs_indexes(path) == JOBS_INDEXES
+    assert schema(path) == before
+    assert schema_diff(path) == []
+    assert integrity(path) == ["ok"]
+
+
+async def test_a_rolled_back_first_ingest_leaves_the_indexes(
+    tmp_path: Path, indexes_while_inserting: list[list[str]]
+) -> None:
+    path = tmp_path / "run.sqlite"
+
+    def invalid_at_the_end() -> Iterator[NewJob]:
+        yield from rows(30)
+        raise ManifestError([ManifestProblem("m.csv", 33, None, "broken")])
+
+    async with Store.open(path) as store:
+        before = schema(path)
+        run = await store.ensure_run("default", "m.csv")
+        with pytest.raises(ManifestError):
+            await store.ingest(run.id, invalid_at_the_end())
+        assert schema(path) == before
+        assert sum((await store.counts(run.id)).values()) == 0
+        # The store goes on with the same schema: the next ingest is a first one again.
+        assert (await store.ingest(run.id, rows(3))).added == 3
+    assert indexes_while_inserting == [[]]
+    assert schema(path) == before
+    assert integrity(path) == ["ok"]
+
+
+async def test_indexes_stay_while_another_run_has_jobs(
+    tmp_path: Path, indexes_while_inserting: list[list[str]]
+) -> None:
+    path = tmp_path / "run.sqlite"
+    async with Store.open(path) as store:
+        first = await store.ensure_run("first", "m.csv")
+        await store.ingest(first.id, rows(10))
+        before = schema(path)
+        second = await store.ensure_run("second", "m.csv")
+        assert (await store.ingest(second.id, rows(10, "s"))).added == 10
+    assert indexes_while_inserting == [[], JOBS_INDEXES]
+    assert schema(path) == before
+    assert integrity(path) == ["ok"]
+
+
+async def test_a_migrated_database_keeps_its_own_index_text(
+    tmp_path: Path, indexes_while_inserting: list[list[str]]
+) -> None:
+    from alembic import command
+
+    from batch_runner.store.engine import alembic_config
+
+    path = tmp_path / "run.sqlite"
+    engine = create_engine(f"sqlite:///{path}")
+    try:
+        with engine.begin() as conn:
+            cfg = alembic_config()
+            cfg.attributes["connection"] = conn
+            command.upgrade(cfg, "head")
+    finally:
+        engine.dispose()
+    before = schema(path)
+    async with Store.open(path) as store:
+        run = await store.ensure_run("default", "m.csv")
+        assert (await store.ingest(run.id, rows(20))).added == 20
+    assert indexes_while_inserting == [[]]
+    assert schema(path) == before
+    assert integrity(path) == ["ok"]
+
+
+async def test_postgresql_keeps_its_indexes_through_a_first_ingest(pg_url: str) -> None:
+    async with Store.open(pg_url) as store:
+        run = await store.ensure_run("default", "m.csv")
+        assert (await store.ingest(run.id, rows(20))).added == 20
+    engine = create_async_engine(pg_url)
+    try:
+        async with engine.connect() as conn:
+
+            def diff(sync: Any) -> list[Any]:
+                return list(compare_metadata(MigrationContext.configure(sync), metadata))
+
+            assert await conn.run_sync(diff) == []
+    finally:
+        await engine.dispose()
+
+
+async def test_new_jobs_are_stored_alike_by_a_first_and_a_later_ingest(tmp_path: Path) -> None:
+    from batch_runner.states import JobState
+
+    def new(prefix: str) -> list[NewJob]:
+        return [
+            NewJob(f"{prefix}0", 2, '{"line":2,"prompt":"p"}', "h0"),
+            NewJob(f"{prefix}1", 3, {"prompt": "q", "line": 3}, "h1"),
+            NewJob(f"{prefix}2", 4, {"invalid": "bad"}, "h2", JobState.SKIPPED, "bad"),
+        ]
+
+    path = tmp_path / "run.sqlite"
+    async with Store.open(path) as store:
+        run = await store.ensure_run("default", "m.csv")
+        await store.ingest(run.id, new("a"))  # the first ingest
+        await store.ingest(run.id, new("a") + new("b"))  # a later one adds the b rows
+    with sqlite3.connect(path) as conn:
+        stored = {
+            key: rest
+            for key, *rest in conn.execute(
+                "SELECT key, line, spec, content_hash, in_manifest, state, attempts, last_error,"
+                " error_kind, created_at = updated_at FROM jobs"
+            )
+        }
+    for prefix in "ab":
+        assert stored[f"{prefix}0"] == [
+            2,
+            '{"line":2,"prompt":"p"}',
+            "h0",
+            1,
+            "pending",
+            0,
+            None,
+            None,
+            1,
+        ]
+        assert stored[f"{prefix}1"] == [
+            3,
+            '{"line":3,"prompt":"q"}',
+            "h1",
+            1,
+            "pending",
+            0,
+            None,
+            None,
+            1,
+        ]
+        assert stored[f"{prefix}2"] == [
+            4,
+            '{"invalid":"bad"}',
+            "h2",
+            1,
+            "skipped",
+            0,
+            "bad",
+            "invalid",
+            1,
+        ]
