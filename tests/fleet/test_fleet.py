@@ -68,11 +68,16 @@ def test_three_runners_share_three_endpoints_and_run_each_job_once(
     tmp_path: Path, pg_url: str, emulators: Callable[..., list[str]]
 ) -> None:
     # The runner that just finished a job claims the next one at once, while the others look
-    # every SHARED_RECHECK_S: they get work in the moments an endpoint is free between two
-    # jobs, so many short jobs (rather than fewer long ones) give them those moments.
+    # every SHARED_RECHECK_S, so a runner that holds every endpoint tends to keep them. Each
+    # runner here uses two of the three endpoints, and each endpoint is shared by two
+    # runners: whoever starts first holds two endpoints at most, and the third is free for
+    # one of the others.
     manifest(tmp_path, 48)
     urls = emulators(3, step_ms=20)
-    procs = [runner(tmp_path, pg_url, f"r{i}", urls, "--max-inflight", "1") for i in range(3)]
+    procs = [
+        runner(tmp_path, pg_url, f"r{i}", [urls[i], urls[(i + 1) % 3]], "--max-inflight", "1")
+        for i in range(3)
+    ]
     for proc in procs:
         code, err = finish(proc)
         assert code == 0, err
