@@ -9,16 +9,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from alembic.autogenerate import compare_metadata
-from alembic.runtime.migration import MigrationContext
 from sqlalchemy import create_engine
-from sqlalchemy.ext.asyncio import create_async_engine
 
 from batch_runner.errors import ManifestError, ManifestProblem
 from batch_runner.store import NewJob, Store, dialect
 from batch_runner.store import repository as repository_mod
 from batch_runner.store.connection import Conn
-from batch_runner.store.models import jobs, metadata
+from batch_runner.store.models import jobs
+from tests.store.schema import postgres_schema_diff, sqlite_schema_diff
 
 JOBS_INDEXES = sorted(index.name for index in jobs.indexes if isinstance(index.name, str))
 
@@ -39,15 +37,6 @@ def jobs_indexes(path: Path) -> list[str]:
             "AND sql IS NOT NULL ORDER BY name"
         )
         return [name for (name,) in found]
-
-
-def schema_diff(path: Path) -> list[object]:
-    engine = create_engine(f"sqlite:///{path}")
-    try:
-        with engine.connect() as conn:
-            return list(compare_metadata(MigrationContext.configure(conn), metadata))
-    finally:
-        engine.dispose()
 
 
 def integrity(path: Path) -> list[str]:
@@ -85,7 +74,7 @@ async def test_the_first_ingest_builds_the_indexes_at_the_end_as_they_were(
     assert indexes_while_inserting == [[]]
     assert jobs_indexes(path) == JOBS_INDEXES
     assert schema(path) == before
-    assert schema_diff(path) == []
+    assert sqlite_schema_diff(path) == []
     assert integrity(path) == ["ok"]
 
 
@@ -156,16 +145,7 @@ async def test_postgresql_keeps_its_indexes_through_a_first_ingest(pg_url: str) 
     async with Store.open(pg_url) as store:
         run = await store.ensure_run("default", "m.csv")
         assert (await store.ingest(run.id, rows(20))).added == 20
-    engine = create_async_engine(pg_url)
-    try:
-        async with engine.connect() as conn:
-
-            def diff(sync: Any) -> list[Any]:
-                return list(compare_metadata(MigrationContext.configure(sync), metadata))
-
-            assert await conn.run_sync(diff) == []
-    finally:
-        await engine.dispose()
+    assert await postgres_schema_diff(pg_url) == []
 
 
 async def test_new_jobs_are_stored_alike_by_a_first_and_a_later_ingest(tmp_path: Path) -> None:

@@ -9,22 +9,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from alembic.autogenerate import compare_metadata
-from alembic.runtime.migration import MigrationContext
 from sqlalchemy import create_engine
 
 from batch_runner.errors import SchemaError
 from batch_runner.store import Store
-from batch_runner.store.models import metadata
-
-
-def _schema_diff(path: Path) -> list[object]:
-    engine = create_engine(f"sqlite:///{path}")
-    try:
-        with engine.connect() as conn:
-            return list(compare_metadata(MigrationContext.configure(conn), metadata))
-    finally:
-        engine.dispose()
+from tests.store.schema import sqlite_schema_diff
 
 
 def _revision(path: Path) -> list[str]:
@@ -46,7 +35,7 @@ def test_migrations_produce_exactly_the_models(tmp_path: Path) -> None:
             command.upgrade(cfg, "head")
     finally:
         engine.dispose()
-    assert _schema_diff(path) == []
+    assert sqlite_schema_diff(path) == []
     assert _revision(path) == [HEAD_REVISION]
 
 
@@ -58,7 +47,7 @@ async def test_a_new_file_gets_the_models_schema_stamped_with_the_newest_revisio
     path = tmp_path / "run.sqlite"
     async with Store.open(path):
         pass
-    assert _schema_diff(path) == []
+    assert sqlite_schema_diff(path) == []
     assert _revision(path) == [HEAD_REVISION]
 
 

@@ -7,14 +7,11 @@ from contextlib import AsyncExitStack
 from typing import Any
 
 import pytest
-from alembic.autogenerate import compare_metadata
-from alembic.runtime.migration import MigrationContext
-from sqlalchemy.ext.asyncio import create_async_engine
 
 from batch_runner.errors import ConfigError
 from batch_runner.store import NewJob, Store
 from batch_runner.store.location import database
-from batch_runner.store.models import metadata
+from tests.store.schema import postgres_schema_diff
 
 
 def rows(n: int) -> list[NewJob]:
@@ -24,16 +21,7 @@ def rows(n: int) -> list[NewJob]:
 async def test_migrated_schema_matches_models(pg_url: str) -> None:
     async with Store.open(pg_url):
         pass
-    engine = create_async_engine(pg_url)
-    try:
-        async with engine.connect() as conn:
-
-            def diff(sync: Any) -> list[Any]:
-                return list(compare_metadata(MigrationContext.configure(sync), metadata))
-
-            assert await conn.run_sync(diff) == []
-    finally:
-        await engine.dispose()
+    assert await postgres_schema_diff(pg_url) == []
 
 
 async def test_runners_opening_together_migrate_once_and_ingest_once(pg_url: str) -> None:
