@@ -32,3 +32,19 @@ async def postgres_schema_diff(url: str) -> list[object]:
             return await conn.run_sync(diff)
     finally:
         await engine.dispose()
+
+
+def migrate_sqlite(path: Path) -> None:
+    """Build ``path``'s schema by running every migration (not from the models)."""
+    from alembic import command
+
+    from batch_runner.store.engine import alembic_config
+
+    engine = create_engine(f"sqlite:///{path}")
+    try:
+        with engine.begin() as conn:
+            cfg = alembic_config()
+            cfg.attributes["connection"] = conn
+            command.upgrade(cfg, "head")
+    finally:
+        engine.dispose()

@@ -9,14 +9,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import create_engine
 
 from batch_runner.errors import ManifestError, ManifestProblem
 from batch_runner.store import NewJob, Store, dialect
 from batch_runner.store import repository as repository_mod
 from batch_runner.store.connection import Conn
 from batch_runner.store.models import jobs
-from tests.store.schema import postgres_schema_diff, sqlite_schema_diff
+from tests.store.schema import migrate_sqlite, postgres_schema_diff, sqlite_schema_diff
 
 JOBS_INDEXES = sorted(index.name for index in jobs.indexes if isinstance(index.name, str))
 
@@ -119,19 +118,8 @@ async def test_indexes_stay_while_another_run_has_jobs(
 async def test_a_migrated_database_keeps_its_own_index_text(
     tmp_path: Path, indexes_while_inserting: list[list[str]]
 ) -> None:
-    from alembic import command
-
-    from batch_runner.store.engine import alembic_config
-
     path = tmp_path / "run.sqlite"
-    engine = create_engine(f"sqlite:///{path}")
-    try:
-        with engine.begin() as conn:
-            cfg = alembic_config()
-            cfg.attributes["connection"] = conn
-            command.upgrade(cfg, "head")
-    finally:
-        engine.dispose()
+    migrate_sqlite(path)
     before = schema(path)
     async with Store.open(path) as store:
         run = await store.ensure_run("default", "m.csv")

@@ -9,11 +9,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from sqlalchemy import create_engine
 
 from batch_runner.errors import SchemaError
 from batch_runner.store import Store
-from tests.store.schema import sqlite_schema_diff
+from tests.store.schema import migrate_sqlite, sqlite_schema_diff
 
 
 def _revision(path: Path) -> list[str]:
@@ -22,19 +21,10 @@ def _revision(path: Path) -> list[str]:
 
 
 def test_migrations_produce_exactly_the_models(tmp_path: Path) -> None:
-    from alembic import command
-
-    from batch_runner.store.engine import HEAD_REVISION, alembic_config
+    from batch_runner.store.engine import HEAD_REVISION
 
     path = tmp_path / "run.sqlite"
-    engine = create_engine(f"sqlite:///{path}")
-    try:
-        with engine.begin() as conn:
-            cfg = alembic_config()
-            cfg.attributes["connection"] = conn
-            command.upgrade(cfg, "head")
-    finally:
-        engine.dispose()
+    migrate_sqlite(path)
     assert sqlite_schema_diff(path) == []
     assert _revision(path) == [HEAD_REVISION]
 
