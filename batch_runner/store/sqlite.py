@@ -7,7 +7,10 @@ and the store's thread (never both at once: the store's lock serialises transact
 step handed to the thread is waited for even when its caller is cancelled). Only the steps
 that can block go to the thread: a BEGIN IMMEDIATE that has to wait out another program's
 lock (for up to the busy timeout; a free lock is taken at once, on the loop's thread), and
-COMMIT, which waits for fsync.
+a durable COMMIT, which waits for fsync. A recomputable commit (synchronous=NORMAL) only
+appends to the write-ahead log and stays on the loop's thread; so that it never runs a
+checkpoint there, SQLite's automatic checkpoint is off for this connection and the store's
+thread checkpoints every CHECKPOINT_EVERY commits, after a durable one.
 
 Reads that are not part of a write go to a second, read-only connection, through
 SQLAlchemy's async engine on aiosqlite: in WAL mode they see the last commit without taking
@@ -40,6 +43,9 @@ BULK_ROWS = 500
 #: PRAGMA synchronous levels
 FULL = 2
 NORMAL = 1
+#: Commits between two checkpoints (each commit adds a few pages to the log; SQLite's own
+#: automatic checkpoint comes every ~1,000 pages).
+CHECKPOINT_EVERY = 200
 
 
 def is_busy(exc: OperationalError) -> bool:
@@ -95,7 +101,7 @@ class _Begin:
 class SqliteConnection:
     """The write connection (a ``connection.Conn``)."""
 
-    __slots__ = ("_level", "_sync", "_thread", "durable")
+    __slots__ = ("_level", "_since_checkpoint", "_sync", "_thread", "durable")
 
     def __init__(self, sync: Connection, thread: _Thread) -> None:
         self._sync = sync
@@ -103,6 +109,10 @@ class SqliteConnection:
         #: whether the next transaction's commit must reach the disk (synchronous=FULL)
         self.durable = True
         self._level = FULL  # as the engine sets it on connect
+        self._since_checkpoint = 0
+        raw = sync.connection.dbapi_connection
+        assert raw is not None
+        raw.execute("PRAGMA wal_autocheckpoint=0")
 
     @property
     def dialect(self) -> Dialect:
@@ -166,8 +176,24 @@ class SqliteConnection:
             raw.execute(f"PRAGMA busy_timeout={engine_mod.BUSY_TIMEOUT_MS}")
 
     async def commit(self) -> None:
-        if self._sync.in_transaction():
-            await self._thread.run(self._sync.commit)
+        if not self._sync.in_transaction():
+            return
+        self._since_checkpoint += 1
+        due = self._since_checkpoint >= CHECKPOINT_EVERY
+        # A long stretch without a durable commit checkpoints all the same.
+        if not self.durable and self._since_checkpoint < 2 * CHECKPOINT_EVERY:
+            self._sync.commit()  # appends to the log: no fsync, no checkpoint
+            return
+        await self._thread.run(self._commit_and_checkpoint if due else self._sync.commit)
+        if due:
+            self._since_checkpoint = 0
+
+    def _commit_and_checkpoint(self) -> None:
+        self._sync.commit()
+        raw = self._sync.connection.dbapi_connection
+        assert raw is not None
+        # PASSIVE: copies what no reader still needs and never waits for one.
+        raw.execute("PRAGMA wal_checkpoint(PASSIVE)")
 
     async def rollback(self) -> None:
         # Nothing to wait for: a rollback drops this transaction's pages and its lock.

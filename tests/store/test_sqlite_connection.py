@@ -67,7 +67,7 @@ async def test_reads_go_on_while_another_program_holds_the_write_lock(
             other.close()
 
 
-async def test_a_free_write_lock_is_taken_without_a_thread_hop(
+async def test_only_durable_commits_and_checkpoints_leave_the_loops_thread(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from batch_runner.store.sqlite import _Thread
@@ -86,5 +86,41 @@ async def test_a_free_write_lock_is_taken_without_a_thread_hop(
         monkeypatch.setattr(_Thread, "run", counting)
         [job] = await store.claim(record.id, ep.id)
         await store.begin_attempt(job.id, ep.id, {}, {})
-        # Only the two commits waited on the store's thread.
-        assert handed == ["commit", "commit"]
+        # A free write lock is taken at once and the claim's commit only appends to the
+        # log: only the write-ahead commit, which waits for fsync, went to the store's thread.
+        assert handed == ["commit"]
+
+
+async def test_the_log_is_checkpointed_on_the_store_thread_every_so_many_commits(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from batch_runner.store import sqlite as sqlite_mod
+    from batch_runner.store.sqlite import _Thread
+
+    monkeypatch.setattr(sqlite_mod, "CHECKPOINT_EVERY", 10)
+    handed: list[str] = []
+    run = _Thread.run
+
+    async def counting(self: _Thread, fn: Any, *args: Any) -> Any:
+        handed.append(getattr(fn, "__name__", repr(fn)))
+        return await run(self, fn, *args)
+
+    path = tmp_path / "run.sqlite"
+    async with Store.open(path) as store:
+        record = await store.ensure_run("default", "m.csv")
+        ep = await store.ensure_endpoint(record.id, "http://127.0.0.1:1")
+        monkeypatch.setattr(_Thread, "run", counting)
+        # Recomputable commits alone: the 20th, overdue, checkpoints on the store's thread.
+        for n in range(25):
+            await store.record_upload(ep.id, f"{n:064x}", f"{n}.png")
+        assert handed == ["_commit_and_checkpoint"]
+        # Five more make ten since that checkpoint, still on the loop's thread...
+        for n in range(25, 30):
+            await store.record_upload(ep.id, f"{n:064x}", f"{n}.png")
+        assert handed == ["_commit_and_checkpoint"]
+        # ...and the next durable commit checkpoints with it; the one after does not.
+        await store.set_run_stamps(record.id, manifest_stamp="1:2", workflow_fingerprint="f")
+        await store.set_run_stamps(record.id, manifest_stamp="1:3", workflow_fingerprint="f")
+        assert handed == ["_commit_and_checkpoint", "_commit_and_checkpoint", "commit"]
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("SELECT count(*) FROM uploads").fetchone() == (30,)
