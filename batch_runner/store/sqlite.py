@@ -43,9 +43,9 @@ BULK_ROWS = 500
 #: PRAGMA synchronous levels
 FULL = 2
 NORMAL = 1
-#: Commits between two checkpoints (each commit adds a few pages to the log; SQLite's own
-#: automatic checkpoint comes every ~1,000 pages).
-CHECKPOINT_EVERY = 200
+#: Commits between two checkpoints: a job's commits add ~10 pages each to the log, so the
+#: log stays near the ~1,000 pages (4 MB) after which SQLite's own would checkpoint.
+CHECKPOINT_EVERY = 100
 
 
 def is_busy(exc: OperationalError) -> bool:
