@@ -8,20 +8,18 @@ ids; the server's file name only contributes an extension from a fixed whitelist
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import errno
 import hashlib
 import os
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any
 
 import aiohttp
 
 from batch_runner.comfy.client import ComfyClient, HistoryEntry, OutputFile
 from batch_runner.errors import DownloadIncomplete, OutputRejected, TransientError
+from batch_runner.threads import run_to_the_end
 
 __all__ = [
     "SAFE_EXTENSIONS",
@@ -116,7 +114,8 @@ async def download(
             raise DownloadIncomplete(
                 f"output {file.filename!r}: got {size} of {expected} bytes", endpoint=name
             )
-        await _off_the_loop(_replace_durably, part, dest)
+        # Off the loop: a sync on a slow or network disk would stall every endpoint.
+        await run_to_the_end(_replace_durably, part, dest)
     except OSError as exc:
         _remove(part)
         if exc.errno in _DISK_FULL:
@@ -150,20 +149,8 @@ async def _stream_to(
                 endpoint=endpoint,
             ) from exc
         out.flush()
-        await _off_the_loop(os.fsync, out.fileno())
+        await run_to_the_end(os.fsync, out.fileno())
     return size, digest.hexdigest()
-
-
-async def _off_the_loop(call: Callable[..., object], *args: Any) -> None:
-    """Run a disk sync in a thread: on a slow or network disk it takes long enough to stall
-    every endpoint's traffic if the loop waited for it. If the download is cancelled
-    meanwhile, the sync still ends before its file is closed or removed."""
-    syncing = asyncio.ensure_future(asyncio.to_thread(call, *args))
-    try:
-        await asyncio.shield(syncing)
-    except asyncio.CancelledError:
-        await asyncio.wait([syncing])
-        raise
 
 
 def _replace_durably(part: Path, dest: Path) -> None:

@@ -16,6 +16,7 @@ from typing import Any, Protocol
 from PIL import Image, ImageOps
 
 from batch_runner.emulator import files, video
+from batch_runner.threads import run_to_the_end
 
 # Kept pictures never need more than this many pixels per side.
 _PICTURE_SIDE = 512
@@ -192,23 +193,12 @@ async def save_video(ctx: Context, node_id: str, inputs: dict[str, Any]) -> Resu
     path, name, subfolder = ctx.folders.output_path(inputs["filename_prefix"], "mp4")
     size = video.fit(images.width, images.height, ctx.video_max_side)
     if not ctx.writer.write_known(path, images.key, images.count, clip.fps, size):
-        await _write_in_thread(
+        # Seen through when the server stops meanwhile: its output folder is then removed.
+        await run_to_the_end(
             ctx.writer.write, path, images.picture, images.key, images.count, clip.fps, size
         )
     entry = {"filename": name, "subfolder": subfolder, "type": "output"}
     return (), {"images": [entry], "animated": [True]}
-
-
-async def _write_in_thread(write: Callable[..., None], *args: Any) -> None:
-    """Run ``write`` in a thread; when the prompt is cancelled meanwhile (the server stops),
-    wait for the write to end first, so no thread is still writing into an output folder
-    that is being removed."""
-    writing = asyncio.ensure_future(asyncio.to_thread(write, *args))
-    try:
-        await asyncio.shield(writing)
-    except asyncio.CancelledError:
-        await asyncio.wait([writing])
-        raise
 
 
 def _write_pngs(pictures: list[tuple[Path, Image.Image]]) -> None:
@@ -225,7 +215,7 @@ async def save_image(ctx: Context, node_id: str, inputs: dict[str, Any]) -> Resu
         path, name, subfolder = ctx.folders.output_path(inputs["filename_prefix"], "png")
         pending.append((path, picture))
         entries.append({"filename": name, "subfolder": subfolder, "type": "output"})
-    await _write_in_thread(_write_pngs, pending)
+    await run_to_the_end(_write_pngs, pending)
     return (), {"images": entries}
 
 

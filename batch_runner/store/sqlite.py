@@ -20,8 +20,6 @@ thread without stalling the loop.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 from collections.abc import AsyncIterator, Callable, Generator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -32,6 +30,7 @@ from sqlalchemy.exc import OperationalError
 
 from batch_runner.store import engine as engine_mod
 from batch_runner.store.location import Database
+from batch_runner.threads import run_to_the_end
 
 if TYPE_CHECKING:
     from batch_runner.store.connection import CursorRows, Reader
@@ -60,16 +59,9 @@ class _Thread:
         self._pool = ThreadPoolExecutor(1, thread_name_prefix=name)
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
-        future = asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
-        try:
-            return await asyncio.shield(future)
-        except asyncio.CancelledError:
-            # The connection is the thread's until ``fn`` returns: wait for that, so that the
-            # next caller never shares it with this one.
-            while not future.done():
-                with contextlib.suppress(asyncio.CancelledError):
-                    await asyncio.wait([future])
-            raise
+        # The connection is the thread's until ``fn`` returns, even for a cancelled caller,
+        # so the next caller never shares it with this one.
+        return await run_to_the_end(fn, *args, executor=self._pool)
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
