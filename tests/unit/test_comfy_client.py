@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import mimetypes
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -24,6 +25,7 @@ from batch_runner.comfy import (
     PromptState,
     UploadRejected,
 )
+from batch_runner.comfy.client import IMAGE_TYPES
 from batch_runner.comfy.config import DEFAULT_LIMITS
 from batch_runner.errors import (
     EndpointUnavailable,
@@ -321,6 +323,29 @@ async def test_upload_returns_the_name_the_server_chose(
     assert fields["image"] == ("x.png", b"\x89PNG-bytes")
     assert fields["type"] == "input"
     assert "overwrite" not in fields
+
+
+@pytest.mark.parametrize(
+    ("filename", "expected"),
+    [("a.png", "image/png"), ("b.JPG", "image/jpeg"), ("c.webp", "image/webp"), ("d", None)],
+)
+async def test_upload_names_the_image_type(serve: Any, filename: str, expected: str | None) -> None:
+    seen: list[str] = []
+
+    async def upload(request: web.Request) -> web.Response:
+        image = (await request.post())["image"]
+        assert isinstance(image, web.FileField)
+        seen.append(image.content_type)
+        return web.json_response({"name": filename, "subfolder": "", "type": "input"})
+
+    client, _ = await serve({("POST", "/upload/image"): upload})
+    await client.upload_image(b"bytes", filename)
+    assert seen == [expected or "application/octet-stream"]
+
+
+def test_image_type_table_agrees_with_mimetypes() -> None:
+    for suffix, content_type in IMAGE_TYPES.items():
+        assert mimetypes.guess_type(f"x{suffix}")[0] == content_type
 
 
 async def test_upload_refusals(serve: Any) -> None:
