@@ -210,6 +210,7 @@ class JobFlow:
             )
             log.info("%s: adopted %s after a lost submit answer", lane.name, job.key)
         watch.accepted = True
+        lane.accepted_one.set()
         await self.store.attempt_queued(attempt.id)
 
     async def _await_end(

@@ -69,6 +69,8 @@ class Lane:
         #: websocket connections lost during the run (exported as a metric)
         self.ws_disconnects = 0
         self.ws_ready = asyncio.Event()
+        #: set once the endpoint accepted a prompt of this run
+        self.accepted_one = asyncio.Event()
         self._probe: asyncio.Task[None] | None = None
         self._upload_locks: dict[str, asyncio.Lock] = {}
         self._uploaded: OrderedDict[str, str] = OrderedDict()

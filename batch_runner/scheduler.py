@@ -5,6 +5,10 @@ store and carries it to a terminal or retry state, so a faster endpoint simply c
 for work sooner (pull-based). With the default of two slots, one prompt runs on the GPU while
 the next is already waiting in the server's queue, and the job after that is uploaded while
 both are there.
+
+At start-up every endpoint gets its first prompt before any gets a second: an idle GPU is the
+cost, a second prompt in a queue only a buffer. Near the end, once the store has nothing left
+to claim, a finished job no longer wakes every idle slot to ask it again.
 """
 
 from __future__ import annotations
@@ -29,6 +33,8 @@ IDLE_RECHECK_S = 5.0  # an idle slot re-reads the store at least this often
 #: On a shared database other runners free capacity without telling us: look again sooner.
 SHARED_RECHECK_S = 0.5
 WS_READY_WAIT_S = 5.0
+#: How long a lane's further slots wait, at start-up, for every lane to get its first prompt.
+FIRST_ROUND_WAIT_S = 2.0
 #: While more jobs than this wait per endpoint, a free slot takes one without weighing where
 #: it would finish first: the end of the run, where that matters, is still far off.
 PLENTY_PER_LANE = 32
@@ -56,6 +62,11 @@ class Scheduler:
     #: work next to the slots that may still make jobs claimable (the check of finished
     #: outputs): the run does not end while any of it is running
     _alongside: list[asyncio.Task[None]] = field(default_factory=list)
+    #: lanes whose first prompt of the run is still on its way (see FIRST_ROUND_WAIT_S)
+    _unstarted: set[int] = field(default_factory=set)
+    _first_round_over: asyncio.Event = field(default_factory=asyncio.Event)
+    #: the store said nothing is pending or waiting to retry, and nothing was requeued since
+    _drained: bool = False
 
     def adopt(
         self, in_flight: Sequence[tuple[JobRecord, AttemptRecord]]
@@ -89,10 +100,21 @@ class Scheduler:
         listeners = [
             asyncio.create_task(lane.listen(), name=f"{lane.name}:ws") for lane in self.lanes
         ]
-        slots = [
-            asyncio.create_task(self._slot(lane), name=f"{lane.name}:slot{n}")
+        # A lane that resumes prompts in flight already has work on its GPU.
+        self._unstarted = {
+            lane.record.id
             for lane in self.lanes
-            for n in range(lane.settings.max_inflight)
+            if lane.healthy and not self._adopted.get(lane.record.id)
+        }
+        starts = [asyncio.create_task(self._started_once_accepted(lane)) for lane in self.lanes]
+        self._check_first_round()
+        # First slots first: the order slots start in is the order they first claim.
+        most = max((lane.settings.max_inflight for lane in self.lanes), default=0)
+        slots = [
+            asyncio.create_task(self._slot(lane, first=n == 0), name=f"{lane.name}:slot{n}")
+            for n in range(most)
+            for lane in self.lanes
+            if n < lane.settings.max_inflight
         ]
         self._alongside = [asyncio.create_task(work, name="alongside") for work in alongside]
         watchdog = asyncio.create_task(self._on_stop(slots), name="stop-watch")
@@ -108,10 +130,10 @@ class Scheduler:
                 if finished - set(slots):
                     await self.nudge()  # idle slots may be waiting only for that to end
         finally:
-            for task in [*slots, *listeners, *self._alongside, watchdog]:
+            for task in [*slots, *listeners, *starts, *self._alongside, watchdog]:
                 task.cancel()
             await asyncio.gather(
-                *slots, *listeners, *self._alongside, watchdog, return_exceptions=True
+                *slots, *listeners, *starts, *self._alongside, watchdog, return_exceptions=True
             )
 
     async def _on_stop(self, slots: Sequence[asyncio.Task[None]]) -> None:
@@ -137,16 +159,35 @@ class Scheduler:
             task.cancel()
 
     async def nudge(self) -> None:
+        """Wake every idle slot to look at the store again: work may have come back."""
+        self._drained = False
         async with self._wake:
             self._wake.notify_all()
 
-    async def _slot(self, lane: Lane) -> None:
+    async def _started_once_accepted(self, lane: Lane) -> None:
+        await lane.accepted_one.wait()
+        self._started(lane)
+
+    def _started(self, lane: Lane) -> None:
+        """``lane`` needs no head start any more: its first prompt is in, or it is not
+        getting one now."""
+        self._unstarted.discard(lane.record.id)
+        self._check_first_round()
+
+    def _check_first_round(self) -> None:
+        if not self._unstarted:
+            self._first_round_over.set()
+
+    async def _slot(self, lane: Lane, *, first: bool = True) -> None:
         # One queue per endpoint, shared by its slots and filled while they run (takeover).
         adopted = self._adopted.setdefault(lane.record.id, deque())
         # Messages of a prompt can arrive within milliseconds of submitting it: give the
         # socket a moment to open first (reconciliation covers what it still misses).
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(lane.ws_ready.wait(), WS_READY_WAIT_S)
+        if not first:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._first_round_over.wait(), FIRST_ROUND_WAIT_S)
         while not self.done.is_set():
             if adopted:
                 job, attempt = adopted.popleft()
@@ -156,9 +197,11 @@ class Scheduler:
             if self.stopping.is_set():
                 return
             if not lane.healthy:
+                self._started(lane)
                 await self._idle(IDLE_RECHECK_S)
                 continue
             if not await self._worth_claiming(lane):
+                self._started(lane)
                 await self._idle(self._recheck_after(lane))
                 continue
             # A retry waits a little for another endpoint, if there is one that works.
@@ -174,8 +217,17 @@ class Scheduler:
             if claimed:
                 self._waiting_hint -= len(claimed)
                 await self._work(self.flow.run_claimed(claimed[0], lane))
+                self._started(lane)  # if it ended before its prompt was accepted
                 continue
+            self._started(lane)
             claimable, next_due = await self.store.has_claimable(self.run_id)
+            if claimable or next_due is not None:
+                if self._drained:
+                    # Work came back (a retry) while the others slept: let them see it too.
+                    await self.nudge()
+            elif self.runner_id is None:
+                # Other runners requeue without telling us, so only a lone runner trusts this.
+                self._drained = True
             if (
                 not claimable
                 and next_due is None
@@ -233,7 +285,10 @@ class Scheduler:
             await job_coro  # type: ignore[misc]
         finally:
             self.busy -= 1
-            await self.nudge()
+            # The slot that ran it looks at the store next; the others need waking only while
+            # there may be work for them.
+            if not self._drained:
+                await self.nudge()
 
     async def _idle(self, seconds: float) -> None:
         async with self._wake:

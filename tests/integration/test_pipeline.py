@@ -235,3 +235,62 @@ async def test_a_success_the_socket_reported_whole_is_not_looked_up_again(
     assert summary.counts[JobState.SUCCEEDED] == 6
     # The socket said success and named the video: GET /history would only repeat it.
     assert looked_up == []
+
+
+async def test_every_endpoint_gets_a_prompt_before_any_gets_a_second(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from batch_runner.comfy.client import ComfyClient
+
+    submitted_to: list[str] = []
+    submit = ComfyClient.submit
+
+    async def recording(
+        self: ComfyClient, graph: dict[str, object], *, prompt_id: str, client_id: str
+    ) -> int | float:
+        submitted_to.append(self.endpoint.url)
+        return await submit(self, graph, prompt_id=prompt_id, client_id=client_id)
+
+    monkeypatch.setattr(ComfyClient, "submit", recording)
+    rows = []
+    for i in range(12):
+        # An image each, so that no job waits for another's upload.
+        make_image(tmp_path / f"{i}.png", (64, 48), f"#{i * 20:02x}0000")
+        rows.append({"id": f"f{i}", "image": f"{i}.png", "prompt": f"p{i}", "frames": 5})
+    manifest = write_csv(tmp_path / "jobs.csv", rows)
+    config = EmulatorConfig(step_ms=5.0, video_max_side=32)
+    async with AsyncExitStack() as stack:
+        emulators = await start(stack, *[config] * 4)
+        settings = settings_for(manifest, [e.url for e in emulators], max_inflight=2)
+        assert (await run(settings)).exit_code == 0
+    assert len(submitted_to) == 12
+    assert sorted(submitted_to[:4]) == sorted(e.url for e in emulators)
+
+
+async def test_idle_slots_are_not_woken_to_find_nothing_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from batch_runner import scheduler
+
+    # Only a finished job may wake a slot here, not its periodic look at the store.
+    monkeypatch.setattr(scheduler, "IDLE_RECHECK_S", 60.0)
+    answers: list[tuple[bool, float | None]] = []
+    has_claimable = Store.has_claimable
+
+    async def counting(self: Store, run_id: int) -> tuple[bool, float | None]:
+        answers.append(await has_claimable(self, run_id))
+        return answers[-1]
+
+    monkeypatch.setattr(Store, "has_claimable", counting)
+    make_image(tmp_path / "a.png", (64, 48))
+    rows = [{"id": f"n{i}", "image": "a.png", "prompt": f"p{i}", "frames": 5} for i in range(16)]
+    manifest = write_csv(tmp_path / "jobs.csv", rows)
+    slots = 8
+    async with AsyncExitStack() as stack:
+        # One GPU with many slots: at the end its queued prompts finish one at a time.
+        [emulator] = await start(stack, EmulatorConfig(step_ms=2.0, video_max_side=32))
+        settings = settings_for(manifest, [emulator.url], max_inflight=slots)
+        assert (await run(settings)).exit_code == 0
+    # Each slot learns once that nothing is left; waking every idle slot at each job that
+    # finishes after that would ask about slots² / 2 times.
+    assert 0 < answers.count((False, None)) <= slots + 2
