@@ -72,6 +72,7 @@ class Lane:
         #: set once the endpoint accepted a prompt of this run
         self.accepted_one = asyncio.Event()
         self._probe: asyncio.Task[None] | None = None
+        self._listener: asyncio.Task[None] | None = None
         self._upload_locks: dict[str, asyncio.Lock] = {}
         self._uploaded: OrderedDict[str, str] = OrderedDict()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -98,6 +99,12 @@ class Lane:
         return self.tracker.held_work(pace, clock.monotonic()) + self.preparing * pace
 
     # ---------------------------------------------------------------- life cycle
+
+    def start_listening(self) -> None:
+        """Read the websocket (:meth:`listen`) from now until :meth:`close`; once only."""
+        if self._listener is None:
+            self._listener = asyncio.ensure_future(self.listen())
+            self._listener.set_name(f"{self.name}:ws")
 
     async def listen(self) -> None:
         """Read the websocket for the whole run; reconcile every watch after each connect.
@@ -130,9 +137,11 @@ class Lane:
     async def close(self) -> None:
         if self._probe is not None:
             self._probe.cancel()
-        for task in list(self._tasks):
+        tasks = [*self._tasks, *([self._listener] if self._listener else [])]
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._listener = None
         await self.stream.aclose()
         await self.client.aclose()
 

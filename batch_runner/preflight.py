@@ -52,6 +52,10 @@ MODEL_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".gguf", ".sft
 
 #: Tries per question before an endpoint counts as unreachable or broken.
 RETRIES = 4
+#: Questions in flight per endpoint. A few at a time reuse their connections; one connection
+#: per question cost the runner about twice the CPU (a new TCP connection each), at start-up
+#: where every millisecond delays the first prompts.
+CONCURRENT_QUESTIONS = 4
 
 
 @dataclass(frozen=True, order=True)
@@ -177,9 +181,10 @@ async def check_endpoint(settings: EndpointSettings, needs: Requirements) -> End
         except EndpointError as exc:
             return EndpointCheck(settings.url, True, error=exc.message)
         try:
-            schemas = await _each(needs.node_classes, client.object_info)
+            at_once = asyncio.Semaphore(CONCURRENT_QUESTIONS)
+            schemas = await _each(needs.node_classes, client.object_info, at_once)
             folders = sorted({m.folder for m in needs.models if m.folder})
-            listed = await _each(folders, client.models)
+            listed = await _each(folders, client.models, at_once)
         except EndpointError as exc:
             return EndpointCheck(settings.url, True, error=exc.message)
     # An unknown class answers {} (PROTOCOL §2.10).
@@ -192,9 +197,16 @@ async def check_endpoint(settings: EndpointSettings, needs: Requirements) -> End
     )
 
 
-async def _each(keys: Sequence[str], ask: Callable[[str], Awaitable[T]]) -> dict[str, T]:
-    """Ask about every key at once."""
-    answers = await asyncio.gather(*(_patiently(functools.partial(ask, k)) for k in keys))
+async def _each(
+    keys: Sequence[str], ask: Callable[[str], Awaitable[T]], at_once: asyncio.Semaphore
+) -> dict[str, T]:
+    """Ask about every key, as many at a time as ``at_once`` lets."""
+
+    async def one(key: str) -> T:
+        async with at_once:
+            return await _patiently(functools.partial(ask, key))
+
+    answers = await asyncio.gather(*(one(k) for k in keys))
     return dict(zip(keys, answers, strict=True))
 
 
@@ -267,8 +279,9 @@ def refusal(checks: Iterable[EndpointCheck]) -> str:
 
 async def usable_endpoints(
     endpoints: Sequence[EndpointSettings], template: WorkflowTemplate | TemplateBook
-) -> list[EndpointSettings]:
-    """The endpoints a run should use: all but those shown unable to run the workflow.
+) -> list[tuple[EndpointSettings, EndpointCheck]]:
+    """The endpoints a run should use, each with what it answered: all but those shown
+    unable to run the workflow.
 
     An endpoint that answers but refuses the token or lacks something is left out with a
     warning. One that does not answer is kept (it joins when it comes back), and so is one
@@ -284,4 +297,4 @@ async def usable_endpoints(
             log.warning("%s is left out of this run: %s", check.url, check.verdict())
         elif check.reachable and check.error:
             log.warning("%s %s; using it anyway", check.url, check.verdict())
-    return [ep for ep, _ in keep]
+    return keep

@@ -217,15 +217,19 @@ async def run_batch(
         lanes = []
         # Endpoints that answer but cannot run the workflow are left out before any job starts.
         usable = await preflight
-        records = await store.ensure_endpoints(run.id, [ep.url for ep in usable])
-        for ep, record in zip(usable, records, strict=True):
+        records = await store.ensure_endpoints(run.id, [ep.url for ep, _ in usable])
+        for (ep, _), record in zip(usable, records, strict=True):
             if member is not None:
                 record = member.endpoint_view(record)
             lane = Lane(ep, record, endpoint_timeout=settings.timeouts.endpoint)
             stack.push_async_callback(lane.close)
+            # The socket opens while the rest of the start-up runs.
+            lane.start_listening()
             lanes.append(lane)
-        answers = await asyncio.gather(*(lane.check() for lane in lanes))
-        for lane, ok in zip(lanes, answers, strict=True):
+        # The preflight has just heard from those that answered; ask only the others again.
+        silent = [lane for lane, (_, seen) in zip(lanes, usable, strict=True) if not seen.reachable]
+        answers = await asyncio.gather(*(lane.check() for lane in silent))
+        for lane, ok in zip(silent, answers, strict=True):
             if not ok:
                 log.warning("%s does not answer; it joins when it does", lane.settings.url)
         flow = JobFlow(store, settings, Planner(template), stopping)

@@ -97,9 +97,12 @@ class Scheduler:
         ``alongside`` runs next to the slots and may requeue jobs (calling :meth:`nudge`);
         the run ends only after it is done, and a stop cancels it.
         """
-        listeners = [
-            asyncio.create_task(lane.listen(), name=f"{lane.name}:ws") for lane in self.lanes
-        ]
+        for lane in self.lanes:
+            lane.start_listening()
+        if self.runner_id is None:
+            # Counted once here rather than by every slot as it starts.
+            plenty = PLENTY_PER_LANE * len(self.lanes)
+            self._waiting_hint = await self.store.count_claimable(self.run_id, 2 * plenty)
         # A lane that resumes prompts in flight already has work on its GPU.
         self._unstarted = {
             lane.record.id
@@ -130,10 +133,10 @@ class Scheduler:
                 if finished - set(slots):
                     await self.nudge()  # idle slots may be waiting only for that to end
         finally:
-            for task in [*slots, *listeners, *starts, *self._alongside, watchdog]:
+            for task in [*slots, *starts, *self._alongside, watchdog]:
                 task.cancel()
             await asyncio.gather(
-                *slots, *listeners, *starts, *self._alongside, watchdog, return_exceptions=True
+                *slots, *starts, *self._alongside, watchdog, return_exceptions=True
             )
 
     async def _on_stop(self, slots: Sequence[asyncio.Task[None]]) -> None:

@@ -142,3 +142,49 @@ async def test_run_refuses_when_every_endpoint_is_unreachable(tmp_path: Path) ->
         await run_batch(settings, template_for(settings), asyncio.Event())
     assert str(refused.value).count("unreachable") == 2
     assert "check the URLs and that ComfyUI is running there" in str(refused.value)
+
+
+async def test_questions_to_one_endpoint_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    from batch_runner import preflight
+    from batch_runner.comfy.client import ComfyClient
+
+    in_flight, most = 0, 0
+    object_info = ComfyClient.object_info
+
+    async def counting(self: ComfyClient, node_class: str) -> object:
+        nonlocal in_flight, most
+        in_flight += 1
+        most = max(most, in_flight)
+        try:
+            return await object_info(self, node_class)
+        finally:
+            in_flight -= 1
+
+    monkeypatch.setattr(ComfyClient, "object_info", counting)
+    needs = requirements(wan22_template())
+    assert len(needs.node_classes) > preflight.CONCURRENT_QUESTIONS
+    async with Emulator(fast()) as emulator:
+        [check] = await check_endpoints([EndpointSettings(emulator.url)], wan22_template())
+    assert check.ready
+    assert most == preflight.CONCURRENT_QUESTIONS
+
+
+async def test_a_run_does_not_probe_again_what_the_preflight_just_heard(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from batch_runner.comfy.client import ComfyClient
+
+    probed: list[str] = []
+    system_stats = ComfyClient.system_stats
+
+    async def counting(self: ComfyClient) -> dict[str, object]:
+        probed.append(self.endpoint.url)
+        return await system_stats(self)
+
+    monkeypatch.setattr(ComfyClient, "system_stats", counting)
+    manifest = batch(tmp_path, 2)
+    async with Emulator(fast()) as emulator:
+        settings = settings_for(manifest, [emulator.url])
+        summary = await run_batch(settings, template_for(settings), asyncio.Event())
+    assert summary.exit_code == 0
+    assert probed == [emulator.url]
