@@ -43,8 +43,11 @@ OOM_MESSAGE = (
 )
 
 
-#: Weight of the newest prompt in the estimate of the work after the last step.
-TAIL_WEIGHT = 0.3
+#: Time owed by earlier prompts (see ``Executor._owed_s``) is made up at most this many steps
+#: per prompt (up to half a step, the first step still waits: no burst), and at most this many
+#: steps of it are kept.
+PAYBACK_STEPS = 0.5
+OWED_STEPS_KEPT = 10
 
 
 def gpu_clock() -> float:
@@ -113,8 +116,8 @@ class _Run:
     #: the emulator's own work between steps (messages, previews, competing for a shared
     #: CPU) is not added to the GPU time it promises.
     gpu_deadline: float = field(default_factory=lambda: gpu_clock())
-    #: Whether a step waited for emulated GPU time.
-    stepped: bool = False
+    #: Steps that waited for emulated GPU time.
+    steps: int = 0
 
 
 class Executor:
@@ -134,10 +137,11 @@ class Executor:
         self.models = config.model_files
         self.video_max_side = config.video_max_side
         self._on_crash = on_crash
-        #: Time the emulator's own work after the last step takes (writing the video, the
-        #: last messages), as measured on the prompts before; taken out of the steps' time so
-        #: that a prompt lasts its steps × step time from start to success, as promised.
-        self._tail_s = 0.0
+        #: How much longer than their steps × step time the prompts before took from start to
+        #: success: the emulator's own work after the last step (writing the video, the last
+        #: messages) and stalls of the host it shares with other processes. The next prompts
+        #: make it up, so a server's busy time over a run is its steps × step time, as promised.
+        self._owed_s = 0.0
         # Emulator-level statistics: they survive restarts, so duplicates across crashes show.
         self.executions: Counter[str] = Counter()
         self.switch_gaps_ms: deque[float] = deque(maxlen=_GAPS_KEPT)
@@ -314,7 +318,9 @@ class Executor:
         return extra
 
     async def _execute(self, task: Task) -> JsonDict:
-        run = _Run(task, gpu_deadline=gpu_clock() - self._tail_s)
+        started = gpu_clock()
+        head_start = min(self._owed_s, PAYBACK_STEPS * self.config.step_seconds)
+        run = _Run(task, gpu_deadline=started - head_start)
         prompt_id = task.prompt_id
         self._interrupt.clear()
         self.executions[prompt_id] += 1
@@ -376,8 +382,8 @@ class Executor:
                     entry["value"] = 1.0
                 entry["state"] = "finished"
                 self._progress(run)
-            if run.stepped:
-                self._learn_tail(gpu_clock() - run.gpu_deadline)
+            if run.steps:
+                self._settle_time(run, gpu_clock() - started)
             self._record(run, "execution_success", {"prompt_id": prompt_id, "timestamp": now_ms()})
         except _Interrupted as stop:
             status = "error"
@@ -466,10 +472,11 @@ class Executor:
             "timestamp": now_ms(),
         }
 
-    def _learn_tail(self, seconds: float) -> None:
-        # Bounded by one step, so one slow write cannot shorten the next prompts by much.
-        seconds = min(max(seconds, 0.0), self.config.step_seconds)
-        self._tail_s += TAIL_WEIGHT * (seconds - self._tail_s)
+    def _settle_time(self, run: _Run, took: float) -> None:
+        # Bounded, so that a long freeze cannot make many later prompts short.
+        over = took - run.steps * self.config.step_seconds
+        kept = OWED_STEPS_KEPT * self.config.step_seconds
+        self._owed_s = min(max(self._owed_s + over, 0.0), kept)
 
     async def _gpu_wait(self, seconds: float) -> None:
         """Let emulated GPU time pass; an interrupt ends the wait early."""
@@ -483,7 +490,7 @@ class Executor:
             # Behind (a stalled host), steps come no faster than two per step time: a real
             # GPU does not burst, and clients see the pace they would.
             run.gpu_deadline = max(run.gpu_deadline + seconds, now + seconds / 2)
-            run.stepped = True
+            run.steps += 1
             await self._gpu_wait(run.gpu_deadline - now)
         else:
             await asyncio.sleep(0)

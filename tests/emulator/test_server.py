@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+from collections.abc import Callable
 
 import aiohttp
 import pytest
@@ -202,19 +203,22 @@ async def test_emulated_gpu_time_does_not_grow_with_the_emulators_own_work(
     assert ends == pytest.approx([k * 0.025 for k in range(1, 21)])
 
 
-async def test_a_prompt_lasts_its_gpu_time_with_the_emulators_own_work_after_the_steps(
-    session: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The emulator's own work after the last step (here 7 ms, on a fake clock that only
-    moves while steps wait) is learnt from the prompts before and taken out of the steps'
-    time: the first prompt lasts 507 ms for its 20 × 25 ms, later ones come to 500 ms."""
+async def _prompt_spans(
+    monkeypatch: pytest.MonkeyPatch,
+    session: aiohttp.ClientSession,
+    prompts: int,
+    host_work_s: Callable[[int], float],
+) -> list[float]:
+    """Start to end of each of ``prompts`` Wan2.2 prompts (20 steps × 25 ms) on a fake clock
+    that moves only while steps wait, the emulator's own work after step k of the run taking
+    ``host_work_s(k)``."""
     from batch_runner.emulator import executor as executor_mod
 
     now = [0.0]
     ends: list[float] = []
 
     async def gpu_wait(seconds: float) -> None:
-        now[0] += max(seconds, 0.0) + 0.007
+        now[0] += max(seconds, 0.0) + host_work_s(len(ends))
         ends.append(now[0])
 
     monkeypatch.setattr(executor_mod, "gpu_clock", lambda: now[0])
@@ -223,19 +227,38 @@ async def test_a_prompt_lasts_its_gpu_time_with_the_emulators_own_work_after_the
         await upload(session, emulator.url, "start.png")
         client_id = new_id()
         socket = await connect(session, emulator.url, client_id)
-        for seed in range(8):
+        for seed in range(prompts):
             workflow = wan_workflow("start.png")
             workflow["57"]["inputs"]["noise_seed"] = seed  # not served from the cache
             prompt_id = await submit(session, emulator.url, workflow, client_id)
             await socket.wait("executing", node=None, prompt_id=prompt_id)
         await socket.close()
     # Each prompt ends when its last step's work is done; the clock does not move otherwise.
-    assert len(ends) == 8 * 20, len(ends)
+    assert len(ends) == prompts * 20, len(ends)
     prompt_ends = ends[19::20]
-    spans = [b - a for a, b in itertools.pairwise([0.0, *prompt_ends])]
+    return [b - a for a, b in itertools.pairwise([0.0, *prompt_ends])]
+
+
+async def test_a_prompt_lasts_its_gpu_time_with_the_emulators_own_work_after_the_steps(
+    session: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The emulator's own work after the last step (here 7 ms) is made up by the next
+    prompt: the first prompt lasts 507 ms for its 20 × 25 ms, the later ones 500 ms."""
+    spans = await _prompt_spans(monkeypatch, session, 8, lambda _step: 0.007)
     assert spans[0] == pytest.approx(0.507)
-    assert all(later < earlier for earlier, later in itertools.pairwise(spans))
-    assert spans[-1] == pytest.approx(0.500, abs=0.001)
+    assert spans[1:] == pytest.approx([0.500] * 7, abs=1e-6)
+
+
+async def test_a_stall_of_the_host_is_made_up_by_the_next_prompts(
+    session: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 40 ms stall at the last step of the second prompt (the host busy elsewhere) makes
+    that prompt long; the next ones are shorter, half a step at most each, until the server
+    has been busy its 20 × 25 ms per prompt in all."""
+    spans = await _prompt_spans(monkeypatch, session, 8, lambda step: 0.040 if step == 39 else 0.0)
+    assert spans[:2] == pytest.approx([0.500, 0.540], abs=1e-6)
+    assert all(0.4875 - 1e-6 <= span <= 0.500 + 1e-6 for span in spans[2:])
+    assert sum(spans) == pytest.approx(8 * 0.500, abs=1e-6)
 
 
 async def test_a_stalled_emulator_does_not_burst_through_the_steps_it_owes(
