@@ -11,7 +11,7 @@ import asyncio
 import logging
 import random
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import TypeVar
 
@@ -75,6 +75,8 @@ class Lane:
         self._listener: asyncio.Task[None] | None = None
         self._upload_locks: dict[str, asyncio.Lock] = {}
         self._uploaded: OrderedDict[str, str] = OrderedDict()
+        #: every upload the store knows of for this endpoint is in ``_uploaded``
+        self._all_uploads_known = False
         self._tasks: set[asyncio.Task[None]] = set()
 
     @property
@@ -257,6 +259,13 @@ class Lane:
         """The server lost its input images: upload each one again when a job needs it."""
         self._uploaded.clear()
 
+    def knows_uploads(self, recorded: Mapping[str, str]) -> None:
+        """Start from every upload the store recorded for this endpoint (sha256 → name): an
+        image not among them is uploaded without asking the store first. Only for a store
+        no other runner writes to."""
+        self._uploaded = OrderedDict(recorded)
+        self._all_uploads_known = len(self._uploaded) <= UPLOADS_REMEMBERED
+
     async def upload(
         self,
         *,
@@ -276,7 +285,7 @@ class Lane:
         lock = self._upload_locks.setdefault(sha256, asyncio.Lock())
         try:
             async with lock:
-                name = await known()
+                name = None if self._all_uploads_known else await known()
                 if name is None:
                     data = await read()
                     name = await self.call(
@@ -286,6 +295,7 @@ class Lane:
                 self._uploaded[sha256] = name
                 if len(self._uploaded) > UPLOADS_REMEMBERED:
                     self._uploaded.popitem(last=False)
+                    self._all_uploads_known = False
                 return name
         finally:
             if not lock.locked():

@@ -21,7 +21,7 @@ from batch_runner.fleet import FleetMember, default_name, run_alongside
 from batch_runner.heap import fix_mmap_threshold
 from batch_runner.intake import Intake, SpecCheck
 from batch_runner.jobflow import JobFlow
-from batch_runner.lane import Lane
+from batch_runner.lane import UPLOADS_REMEMBERED, Lane
 from batch_runner.manifest import JobSpec, RowProblems, read_manifest, workflow_names
 from batch_runner.output_check import OutputCheck
 from batch_runner.planning import Planner
@@ -226,6 +226,15 @@ async def run_batch(
             # The socket opens while the rest of the start-up runs.
             lane.start_listening()
             lanes.append(lane)
+        if not store.shared:
+            # A new image is then uploaded without asking the store whether it was before.
+            recorded = await store.recorded_uploads(
+                [lane.record.id for lane in lanes], UPLOADS_REMEMBERED
+            )
+            for lane in lanes:
+                names = recorded[lane.record.id]
+                if names is not None:
+                    lane.knows_uploads(names)
         # The preflight has just heard from those that answered; ask only the others again.
         silent = [lane for lane, (_, seen) in zip(lanes, usable, strict=True) if not seen.reachable]
         answers = await asyncio.gather(*(lane.check() for lane in silent))

@@ -1011,6 +1011,35 @@ class Store:
                 )
             ).scalar()
 
+    async def recorded_uploads(
+        self, endpoint_ids: Sequence[int], at_most: int
+    ) -> dict[int, dict[str, str] | None]:
+        """Every upload recorded for each endpoint (sha256 → server name), or None for an
+        endpoint with more than ``at_most`` of them."""
+        async with self._reading() as conn:
+            counted = await conn.execute(
+                select(uploads.c.endpoint_id, func.count())
+                .where(uploads.c.endpoint_id.in_(endpoint_ids))
+                .group_by(uploads.c.endpoint_id)
+            )
+            counts = {endpoint_id: n for endpoint_id, n in counted}
+            found: dict[int, dict[str, str] | None] = {
+                endpoint_id: None if counts.get(endpoint_id, 0) > at_most else {}
+                for endpoint_id in endpoint_ids
+            }
+            wanted = [e for e, n in counts.items() if 0 < n <= at_most]
+            if wanted:
+                rows = await conn.execute(
+                    select(uploads.c.endpoint_id, uploads.c.sha256, uploads.c.name).where(
+                        uploads.c.endpoint_id.in_(wanted)
+                    )
+                )
+                for endpoint_id, sha256, name in rows:
+                    names = found[endpoint_id]
+                    assert names is not None
+                    names[sha256] = name
+        return found
+
     async def record_upload(self, endpoint_id: int, sha256: str, name: str) -> None:
         async with self._tx(durable=False) as conn:
             await conn.execute(

@@ -249,3 +249,16 @@ async def test_endpoints_are_recorded_together_in_the_order_asked(store: Store) 
     assert sorted(await store.endpoints_of(run.id), key=lambda r: r.id) == sorted(
         records, key=lambda r: r.id
     )
+
+
+async def test_recorded_uploads_are_all_of_them_or_none(store: Store) -> None:
+    run = await store.ensure_run("default", "m.csv")
+    few, many, none = await store.ensure_endpoints(
+        run.id, ["http://127.0.0.1:1", "http://127.0.0.1:2", "http://127.0.0.1:3"]
+    )
+    await store.record_upload(few.id, "aa", "a.png")
+    await store.record_upload(few.id, "bb", "sub/b.png")
+    for n in range(4):
+        await store.record_upload(many.id, f"{n:02x}", f"{n}.png")
+    found = await store.recorded_uploads([few.id, many.id, none.id], at_most=3)
+    assert found == {few.id: {"aa": "a.png", "bb": "sub/b.png"}, many.id: None, none.id: {}}
