@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -202,16 +201,15 @@ def test_seen_table_finds_every_duplicate_across_growth() -> None:
 
 
 @pytest.mark.slow
-def test_a_million_rows_stream_in_bounded_time(tmp_path: Path) -> None:
+def test_a_million_rows_stream_through(tmp_path: Path) -> None:
+    # How fast is for bench/p4_ingest.py to say; here, that every row comes out.
     Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
     path = tmp_path / "big.csv"
     with path.open("w") as handle:
         handle.write("id,image,prompt,seed\n")
         handle.writelines(f"j{i},a.png,prompt number {i},{i}\n" for i in range(1_000_000))
-    start = os.times().elapsed
-    count = sum(isinstance(item, JobSpec) for item in read_manifest(path))
-    assert count == 1_000_000
-    assert os.times().elapsed - start < 10
+    seeds = [item.seed for item in read_manifest(path) if isinstance(item, JobSpec)]
+    assert len(seeds) == 1_000_000 and seeds[-1] == 999_999
 
 
 def test_overlong_lines_are_reported_and_skipped(
