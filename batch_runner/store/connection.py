@@ -80,6 +80,11 @@ class Backend(Protocol):
         """A connection for reads that take no write lock; each sees the last commit."""
         ...
 
+    async def flush(self) -> None:
+        """Return once every commit made so far is on disk (called after a durable commit,
+        outside the store's lock)."""
+        ...
+
     async def migrate(self) -> None: ...
 
     async def dispose(self) -> None: ...
@@ -103,6 +108,9 @@ class ServerBackend:
     async def reader(self) -> AsyncIterator[Reader]:
         async with self.engine.connect() as conn:
             yield conn
+
+    async def flush(self) -> None:
+        """Nothing to wait for: the server's COMMIT returned once it was durable."""
 
     async def migrate(self) -> None:
         async with self.engine.begin() as conn:

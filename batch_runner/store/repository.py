@@ -182,14 +182,15 @@ class Store:
         another program's lock (in WAL mode a begun transaction commits without waiting), so
         that step alone is retried, with backoff, before giving up with a typed error.
 
-        A ``durable`` commit has reached the disk when it returns (SQLite: synchronous=FULL):
-        the write-ahead rule relies on that before POST /prompt and after a video is fsynced.
-        The others (synchronous=NORMAL: a claim, "queued", "running", "completed", an
-        upload's name, a release) survive the process being killed, and a power cut can undo
-        them only back to the last durable commit, because in WAL mode a FULL commit syncs
-        the whole log, earlier frames included. Losing one of them is harmless: a resume
-        recomputes it (a claimed job is released, a prompt and its outputs are looked up on
-        its server by prompt_id, an image is uploaded again).
+        A ``durable`` commit has reached the disk when it returns (SQLite: the log is
+        fsynced after the commit, outside the lock, so that durable commits made meanwhile
+        share one fsync): the write-ahead rule relies on that before POST /prompt and after a
+        video is fsynced. The others (a claim, "queued", "running", "completed", an upload's
+        name, a release) survive the process being killed, and a power cut can undo them
+        only back to the last durable commit, because an fsync of the log covers everything
+        written to it before. Losing one of them is harmless: a resume recomputes it (a
+        claimed job is released, a prompt and its outputs are looked up on its server by
+        prompt_id, an image is uploaded again).
         """
         async with self._lock, self._backend.writer(durable=durable) as conn:
             for attempt in range(1, LOCK_RETRIES + 1):
@@ -213,6 +214,8 @@ class Store:
                 await conn.rollback()
                 raise
             await conn.commit()
+        if durable:
+            await self._backend.flush()
         crashpoints.reached("commit")
 
     @asynccontextmanager

@@ -6,11 +6,15 @@ So statements run where the repository awaits them, on one connection shared by 
 and the store's thread (never both at once: the store's lock serialises transactions, and a
 step handed to the thread is waited for even when its caller is cancelled). Only the steps
 that can block go to the thread: a BEGIN IMMEDIATE that has to wait out another program's
-lock (for up to the busy timeout; a free lock is taken at once, on the loop's thread), and
-a durable COMMIT, which waits for fsync. A recomputable commit (synchronous=NORMAL) only
-appends to the write-ahead log and stays on the loop's thread; so that it never runs a
-checkpoint there, SQLite's automatic checkpoint is off for this connection and the store's
-thread checkpoints every CHECKPOINT_EVERY commits, after a durable one.
+lock (for up to the busy timeout; a free lock is taken at once, on the loop's thread), the
+fsync that makes commits durable, and a checkpoint every CHECKPOINT_EVERY commits (SQLite's
+automatic one is off for this connection, so that none runs on the loop's thread).
+
+Every commit only appends to the write-ahead log (synchronous=NORMAL), on the loop's thread.
+A durable one then waits, after the store's lock is released, for an fsync of the log: the
+same thing synchronous=FULL does inside COMMIT, but one fsync serves every commit made before
+it started (group commit), and other transactions go on while it runs. A commit that returned
+without that fsync survives the process being killed; only a power cut can undo it.
 
 Reads that are not part of a write go to a second, read-only connection, through
 SQLAlchemy's async engine on aiosqlite: in WAL mode they see the last commit without taking
@@ -20,6 +24,8 @@ thread without stalling the loop.
 
 from __future__ import annotations
 
+import asyncio
+import os
 from collections.abc import AsyncIterator, Callable, Generator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -45,6 +51,16 @@ NORMAL = 1
 #: Commits between two checkpoints: a job's commits add ~10 pages each to the log, so the
 #: log stays near the ~1,000 pages (4 MB) after which SQLite's own would checkpoint.
 CHECKPOINT_EVERY = 100
+
+
+def _fsync(path: str) -> None:
+    # Opened each time: the log is the same file while the store is open, but an fd kept
+    # across a deleted and re-made log would sync the old one.
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def is_busy(exc: OperationalError) -> bool:
@@ -93,18 +109,23 @@ class _Begin:
 class SqliteConnection:
     """The write connection (a ``connection.Conn``)."""
 
-    __slots__ = ("_level", "_since_checkpoint", "_sync", "_thread", "durable")
+    __slots__ = ("_level", "_since_checkpoint", "_sync", "_thread", "commits", "durable", "wal")
 
     def __init__(self, sync: Connection, thread: _Thread) -> None:
         self._sync = sync
         self._thread = thread
-        #: whether the next transaction's commit must reach the disk (synchronous=FULL)
+        #: whether the next transaction's commit must reach the disk
         self.durable = True
         self._level = FULL  # as the engine sets it on connect
         self._since_checkpoint = 0
+        #: commits so far (see ``SqliteBackend.flush``)
+        self.commits = 0
         raw = sync.connection.dbapi_connection
         assert raw is not None
         raw.execute("PRAGMA wal_autocheckpoint=0")
+        # Where the log cannot be used (some network file systems), a durable commit is a
+        # synchronous=FULL one, as SQLite makes it, on the store's thread.
+        self.wal = raw.execute("PRAGMA journal_mode").fetchone()[0].lower() == "wal"
 
     @property
     def dialect(self) -> Dialect:
@@ -139,7 +160,7 @@ class SqliteConnection:
         return _Begin(self)
 
     async def start(self) -> None:
-        level = FULL if self.durable else NORMAL
+        level = FULL if self.durable and not self.wal else NORMAL
         try:
             # Almost always the lock is free (the runner lock keeps other runners out), and
             # taking it without waiting costs less than a hop to the store's thread.
@@ -171,14 +192,14 @@ class SqliteConnection:
         if not self._sync.in_transaction():
             return
         self._since_checkpoint += 1
-        due = self._since_checkpoint >= CHECKPOINT_EVERY
-        # A long stretch without a durable commit checkpoints all the same.
-        if not self.durable and self._since_checkpoint < 2 * CHECKPOINT_EVERY:
-            self._sync.commit()  # appends to the log: no fsync, no checkpoint
-            return
-        await self._thread.run(self._commit_and_checkpoint if due else self._sync.commit)
-        if due:
+        if self._since_checkpoint >= CHECKPOINT_EVERY and self.wal:
+            await self._thread.run(self._commit_and_checkpoint)
             self._since_checkpoint = 0
+        elif self.durable and not self.wal:
+            await self._thread.run(self._sync.commit)  # synchronous=FULL: waits for fsync
+        else:
+            self._sync.commit()  # appends to the log: no fsync, no checkpoint
+        self.commits += 1
 
     def _commit_and_checkpoint(self) -> None:
         self._sync.commit()
@@ -201,6 +222,10 @@ class SqliteBackend:
         self.reader_engine = engine_mod.sqlite_reader_engine(db.path)
         self._thread = _Thread("store")
         self._conn: SqliteConnection | None = None
+        self._log_path = f"{db.path}-wal"
+        self._flushing = asyncio.Lock()
+        #: commits known to be on disk (``SqliteConnection.commits`` when the last fsync began)
+        self._flushed = 0
 
     async def _connection(self) -> SqliteConnection:
         if self._conn is None:
@@ -224,6 +249,21 @@ class SqliteBackend:
         # keep checkpoints from finishing.
         async with self.reader_engine.connect() as conn:
             yield conn
+
+    async def flush(self) -> None:
+        """Wait until every commit made so far is on disk. One fsync of the log serves all
+        the commits made before it began, so callers that come while one runs share the
+        next."""
+        conn = self._conn
+        if conn is None or not conn.wal:
+            return
+        wanted = conn.commits
+        async with self._flushing:
+            if self._flushed >= wanted:
+                return  # an fsync that began after our commit has finished
+            covered = conn.commits
+            await self._thread.run(_fsync, self._log_path)
+            self._flushed = covered
 
     async def migrate(self) -> None:
         conn = await self._connection()

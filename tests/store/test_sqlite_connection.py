@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -14,31 +16,126 @@ from batch_runner.store import NewJob, Store
 from batch_runner.store.sqlite import FULL, NORMAL, SqliteConnection
 
 
-async def test_only_recomputable_steps_commit_without_fsync(
+async def test_only_durable_steps_wait_for_an_fsync_of_the_log(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    levels: list[int] = []
-    commit = SqliteConnection.commit
+    from batch_runner.store import sqlite as sqlite_mod
 
-    async def spying_commit(self: SqliteConnection) -> None:
+    steps: list[str] = []
+    commit, fsync = SqliteConnection.commit, sqlite_mod._fsync
+
+    async def noted_commit(self: SqliteConnection) -> None:
         if self.sync.in_transaction():
-            levels.append((await self.exec_driver_sql("PRAGMA synchronous")).scalar_one())
+            level = (await self.exec_driver_sql("PRAGMA synchronous")).scalar_one()
+            steps.append("commit" if level == NORMAL else f"commit at level {level}")
         await commit(self)
 
-    async with Store.open(tmp_path / "run.sqlite") as store:
+    def noted_fsync(path: str) -> None:
+        steps.append(f"fsync {Path(path).name}")
+        fsync(path)
+
+    path = tmp_path / "run.sqlite"
+    async with Store.open(path) as store:
         run = await store.ensure_run("default", "m.csv")
         ep = await store.ensure_endpoint(run.id, "http://127.0.0.1:1")
         await store.ingest(run.id, [NewJob("k0", 2, {}, "h0")])
-        monkeypatch.setattr(SqliteConnection, "commit", spying_commit)
+        monkeypatch.setattr(SqliteConnection, "commit", noted_commit)
+        monkeypatch.setattr(sqlite_mod, "_fsync", noted_fsync)
         [job] = await store.claim(run.id, ep.id)
         attempt = await store.begin_attempt(job.id, ep.id, {}, {})
+        steps.append("write-ahead record returned")
         await store.attempt_queued(attempt.id)
         await store.attempt_running(job.id, attempt.id)
         await store.attempt_completed(job.id, attempt.id, [{"filename": "a.mp4"}])
         await store.job_succeeded(job.id, attempt.id, path="/o/k0.mp4", sha256="ab", size=3)
+        steps.append("success returned")
         await store.record_upload(ep.id, "cafe", "cafe.png")
-    # claim, begin_attempt (write-ahead), queued, running, completed, succeeded, upload
-    assert levels == [NORMAL, FULL, NORMAL, NORMAL, NORMAL, FULL, NORMAL]
+    log = "fsync run.sqlite-wal"
+    assert steps == [
+        "commit",  # claim
+        "commit",  # begin_attempt: the write-ahead record...
+        log,  # ...is on disk before it returns
+        "write-ahead record returned",
+        "commit",  # queued
+        "commit",  # running
+        "commit",  # completed
+        "commit",  # succeeded...
+        log,
+        "success returned",
+        "commit",  # an upload's name
+    ]
+
+
+async def test_durable_commits_made_while_an_fsync_runs_share_the_next_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first durable commit's fsync is held until seven more durable commits have been
+    made; all seven are then made durable by one more fsync, not seven."""
+    from batch_runner.store import sqlite as sqlite_mod
+
+    fsyncs: list[str] = []
+    all_committed = threading.Event()
+    commits = 0
+    commit, fsync = SqliteConnection.commit, sqlite_mod._fsync
+
+    async def counted_commit(self: SqliteConnection) -> None:
+        nonlocal commits
+        await commit(self)
+        commits += 1
+        if commits == 8:
+            all_committed.set()
+
+    def held_fsync(path: str) -> None:
+        fsyncs.append(path)
+        if len(fsyncs) == 1:
+            assert all_committed.wait(timeout=30)
+        fsync(path)
+
+    path = tmp_path / "run.sqlite"
+    async with Store.open(path) as store:
+        run = await store.ensure_run("default", "m.csv")
+        monkeypatch.setattr(SqliteConnection, "commit", counted_commit)
+        monkeypatch.setattr(sqlite_mod, "_fsync", held_fsync)
+        await asyncio.gather(
+            *(
+                store.set_run_stamps(run.id, manifest_stamp=f"1:{n}", workflow_fingerprint="f")
+                for n in range(8)
+            )
+        )
+        assert len(fsyncs) == 2
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("SELECT manifest_stamp FROM runs").fetchone() == ("1:7",)
+
+
+async def test_without_a_write_ahead_log_a_durable_commit_is_a_full_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from batch_runner.store import sqlite as sqlite_mod
+
+    init = SqliteConnection.__init__
+    levels: list[int] = []
+    commit = SqliteConnection.commit
+
+    def in_rollback_journal_mode(self: SqliteConnection, sync: Any, thread: Any) -> None:
+        raw = sync.connection.dbapi_connection
+        raw.execute("PRAGMA journal_mode=DELETE")
+        init(self, sync, thread)
+
+    async def noted_commit(self: SqliteConnection) -> None:
+        if self.sync.in_transaction():
+            levels.append((await self.exec_driver_sql("PRAGMA synchronous")).scalar_one())
+        await commit(self)
+
+    def no_fsync(path: str) -> None:
+        raise AssertionError(f"{path} synced on its own")
+
+    monkeypatch.setattr(SqliteConnection, "__init__", in_rollback_journal_mode)
+    monkeypatch.setattr(SqliteConnection, "commit", noted_commit)
+    monkeypatch.setattr(sqlite_mod, "_fsync", no_fsync)
+    async with Store.open(tmp_path / "run.sqlite") as store:
+        run = await store.ensure_run("default", "m.csv")
+        await store.ensure_endpoints(run.id, ["http://127.0.0.1:1"])
+    assert levels == [FULL, NORMAL]
 
 
 async def test_reads_go_on_while_another_program_holds_the_write_lock(
@@ -86,9 +183,9 @@ async def test_only_durable_commits_and_checkpoints_leave_the_loops_thread(
         monkeypatch.setattr(_Thread, "run", counting)
         [job] = await store.claim(record.id, ep.id)
         await store.begin_attempt(job.id, ep.id, {}, {})
-        # A free write lock is taken at once and the claim's commit only appends to the
-        # log: only the write-ahead commit, which waits for fsync, went to the store's thread.
-        assert handed == ["commit"]
+        # A free write lock is taken at once and every commit only appends to the log: only
+        # the write-ahead commit's fsync went to the store's thread.
+        assert handed == ["_fsync"]
 
 
 async def test_the_log_is_checkpointed_on_the_store_thread_every_so_many_commits(
@@ -110,17 +207,15 @@ async def test_the_log_is_checkpointed_on_the_store_thread_every_so_many_commits
         record = await store.ensure_run("default", "m.csv")
         ep = await store.ensure_endpoint(record.id, "http://127.0.0.1:1")
         monkeypatch.setattr(_Thread, "run", counting)
-        # Recomputable commits alone: the 20th, overdue, checkpoints on the store's thread.
+        # Every tenth commit checkpoints on the store's thread; the others stay on the loop's.
         for n in range(25):
             await store.record_upload(ep.id, f"{n:064x}", f"{n}.png")
-        assert handed == ["_commit_and_checkpoint"]
-        # Five more make ten since that checkpoint, still on the loop's thread...
+        assert handed == ["_commit_and_checkpoint"] * 2
         for n in range(25, 30):
             await store.record_upload(ep.id, f"{n:064x}", f"{n}.png")
-        assert handed == ["_commit_and_checkpoint"]
-        # ...and the next durable commit checkpoints with it; the one after does not.
+        assert handed == ["_commit_and_checkpoint"] * 3
+        # A durable commit adds only the fsync of the log.
         await store.set_run_stamps(record.id, manifest_stamp="1:2", workflow_fingerprint="f")
-        await store.set_run_stamps(record.id, manifest_stamp="1:3", workflow_fingerprint="f")
-        assert handed == ["_commit_and_checkpoint", "_commit_and_checkpoint", "commit"]
+        assert handed == ["_commit_and_checkpoint"] * 3 + ["_fsync"]
     with sqlite3.connect(path) as conn:
         assert conn.execute("SELECT count(*) FROM uploads").fetchone() == (30,)
