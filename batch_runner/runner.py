@@ -170,6 +170,10 @@ async def _serve_metrics(
     return asyncio.create_task(metrics.keep_fresh(), name="metrics")
 
 
+async def _close_all(lanes: Sequence[Lane]) -> None:
+    await asyncio.gather(*(lane.close() for lane in lanes))
+
+
 async def _wind_down(task: asyncio.Task[Any]) -> None:
     """Cancel ``task`` if it is still running and wait for it; its outcome was either used
     already or is moot (the run failed before it was needed)."""
@@ -214,15 +218,16 @@ async def run_batch(
         runner_id = member.id if member is not None else None
         await store.release_all_preparing(run.id, runner_id)
 
-        lanes = []
+        lanes: list[Lane] = []
         # Endpoints that answer but cannot run the workflow are left out before any job starts.
         usable = await preflight
         records = await store.ensure_endpoints(run.id, [ep.url for ep, _ in usable])
+        # Closed together at the end: each waits for its socket's closing handshake.
+        stack.push_async_callback(_close_all, lanes)
         for (ep, _), record in zip(usable, records, strict=True):
             if member is not None:
                 record = member.endpoint_view(record)
             lane = Lane(ep, record, endpoint_timeout=settings.timeouts.endpoint)
-            stack.push_async_callback(lane.close)
             # The socket opens while the rest of the start-up runs.
             lane.start_listening()
             lanes.append(lane)
