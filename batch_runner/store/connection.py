@@ -80,6 +80,11 @@ class Backend(Protocol):
         """A connection for reads that take no write lock; each sees the last commit."""
         ...
 
+    def quick_reader(self) -> AbstractAsyncContextManager[Reader]:
+        """Like :meth:`reader`, for reads of a few rows through an index; may run them on
+        the loop's thread."""
+        ...
+
     async def flush(self) -> None:
         """Return once every commit made so far is on disk (called after a durable commit,
         outside the store's lock)."""
@@ -108,6 +113,9 @@ class ServerBackend:
     async def reader(self) -> AsyncIterator[Reader]:
         async with self.engine.connect() as conn:
             yield conn
+
+    def quick_reader(self) -> AbstractAsyncContextManager[Reader]:
+        return self.reader()
 
     async def flush(self) -> None:
         """Nothing to wait for: the server's COMMIT returned once it was durable."""

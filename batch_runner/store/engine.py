@@ -78,6 +78,27 @@ def sqlite_engine(path: Path) -> Engine:
     return engine
 
 
+def sqlite_quick_reader_engine(path: Path) -> Engine:
+    """The engine of the store's second read connection, used on the loop's thread for reads
+    of a few rows through an index (see ``Store._reading_quick``)."""
+    engine = sa_create_engine(
+        f"sqlite:///{path}",
+        pool_size=1,
+        max_overflow=0,
+        pool_timeout=3600,
+        connect_args={"check_same_thread": False},  # closed by whichever thread disposes
+    )
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA query_only=ON")
+        cur.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+        cur.close()
+
+    return engine
+
+
 def sqlite_reader_engine(path: Path) -> AsyncEngine:
     """The engine of the store's read connection: SQLAlchemy's async engine on aiosqlite, so
     a long read (counts over a million jobs, an export) runs on aiosqlite's thread while the

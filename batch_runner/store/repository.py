@@ -224,6 +224,13 @@ class Store:
         async with self._backend.reader() as conn:
             yield conn
 
+    @asynccontextmanager
+    async def _reading_quick(self) -> AsyncIterator[Reader]:
+        """For reads of a few rows through an index only: on SQLite they run on the loop's
+        thread, where a slow one would stall every endpoint's traffic."""
+        async with self._backend.quick_reader() as conn:
+            yield conn
+
     # ---------------------------------------------------------------- runs and endpoints
 
     async def ensure_run(self, key: str, manifest: str) -> RunRecord:
@@ -662,7 +669,7 @@ class Store:
     async def has_claimable(self, run_id: int) -> tuple[bool, float | None]:
         """Whether any job can still be claimed now, and when the next retry becomes due."""
         now = _now()
-        async with self._reading() as conn:
+        async with self._reading_quick() as conn:
             pending = (
                 await conn.execute(select(jobs.c.id).where(_pending(run_id)).limit(1))
             ).first()
@@ -682,7 +689,7 @@ class Store:
         ``at_most`` so the answer costs little however long the run is."""
         due = and_(_retry_waiting(run_id), jobs.c.next_eligible_at <= _now())
         total = 0
-        async with self._reading() as conn:
+        async with self._reading_quick() as conn:
             for where in (_pending(run_id), due):
                 if total >= at_most:
                     break
@@ -1005,7 +1012,7 @@ class Store:
     # ---------------------------------------------------------------- uploads
 
     async def upload_name(self, endpoint_id: int, sha256: str) -> str | None:
-        async with self._reading() as conn:
+        async with self._reading_quick() as conn:
             return (
                 await conn.execute(
                     select(uploads.c.name).where(
@@ -1064,7 +1071,7 @@ class Store:
     # ---------------------------------------------------------------- reads
 
     async def job(self, job_id: int) -> JobRecord:
-        async with self._reading() as conn:
+        async with self._reading_quick() as conn:
             return JobRecord.from_row(
                 (await conn.execute(select(jobs).where(jobs.c.id == job_id))).one()
             )

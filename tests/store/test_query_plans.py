@@ -19,7 +19,7 @@ Statements = list[tuple[str, Any]]
 
 @contextmanager
 def statements_of(store: Store) -> Iterator[Statements]:
-    """Every statement the store sends, on its write and its read connection, meanwhile."""
+    """Every statement the store sends, on its write and its read connections, meanwhile."""
     seen: Statements = []
 
     def capture(_c: Any, _cur: Any, statement: str, params: Any, *_rest: Any) -> None:
@@ -27,7 +27,7 @@ def statements_of(store: Store) -> Iterator[Statements]:
 
     backend = store._backend
     assert isinstance(backend, SqliteBackend)
-    engines = (backend.engine, backend.reader_engine.sync_engine)
+    engines = (backend.engine, backend.reader_engine.sync_engine, backend.quick_engine)
     for engine in engines:
         event.listen(engine, "before_cursor_execute", capture)
     try:

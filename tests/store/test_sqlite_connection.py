@@ -219,3 +219,34 @@ async def test_the_log_is_checkpointed_on_the_store_thread_every_so_many_commits
         assert handed == ["_commit_and_checkpoint"] * 3 + ["_fsync"]
     with sqlite3.connect(path) as conn:
         assert conn.execute("SELECT count(*) FROM uploads").fetchone() == (30,)
+
+
+async def test_quick_reads_stay_on_the_loops_thread_and_hold_no_snapshot(tmp_path: Path) -> None:
+    from sqlalchemy import event
+
+    from batch_runner.store.sqlite import SqliteBackend
+
+    threads: list[int] = []
+
+    def note_thread(*_args: Any) -> None:
+        threads.append(threading.get_ident())
+
+    path = tmp_path / "run.sqlite"
+    async with Store.open(path) as store:
+        backend = store._backend
+        assert isinstance(backend, SqliteBackend)
+        event.listen(backend.quick_engine, "before_cursor_execute", note_thread)
+        run = await store.ensure_run("default", "m.csv")
+        await store.ingest(run.id, [NewJob("k0", 2, {}, "h0")])
+        assert await store.has_claimable(run.id) == (True, None)
+        assert await store.count_claimable(run.id, 10) == 1
+        ep = await store.ensure_endpoint(run.id, "http://127.0.0.1:1")
+        await store.claim(run.id, ep.id)
+        assert await store.has_claimable(run.id) == (False, None), "sees the last commit"
+        assert threads and set(threads) == {threading.get_ident()}
+        # No read is left open: a full checkpoint copies the whole log and empties it.
+        other = sqlite3.connect(path)
+        try:
+            assert other.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone() == (0, 0, 0)
+        finally:
+            other.close()
