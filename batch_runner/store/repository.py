@@ -670,14 +670,8 @@ class Store:
         """Whether any job can still be claimed now, and when the next retry becomes due."""
         now = _now()
         async with self._reading_quick() as conn:
-            pending = (
-                await conn.execute(select(jobs.c.id).where(_pending(run_id)).limit(1))
-            ).first()
-            next_due = (
-                await conn.execute(
-                    select(func.min(jobs.c.next_eligible_at)).where(_retry_waiting(run_id))
-                )
-            ).scalar()
+            pending = (await conn.execute(statements.ANY_PENDING, {"p_run": run_id})).first()
+            next_due = (await conn.execute(statements.NEXT_DUE, {"p_run": run_id})).scalar()
         if pending is not None:
             return True, None
         if next_due is not None:
@@ -687,14 +681,14 @@ class Store:
     async def count_claimable(self, run_id: int, at_most: int) -> int:
         """How many jobs could be claimed now (pending, or due for retry), counted only up to
         ``at_most`` so the answer costs little however long the run is."""
-        due = and_(_retry_waiting(run_id), jobs.c.next_eligible_at <= _now())
+        params = {"p_run": run_id, "p_now": _now()}
         total = 0
         async with self._reading_quick() as conn:
-            for where in (_pending(run_id), due):
+            for counted in (statements.COUNT_PENDING, statements.COUNT_DUE):
                 if total >= at_most:
                     break
-                found = select(jobs.c.id).where(where).limit(at_most - total).subquery()
-                total += (await conn.execute(select(func.count()).select_from(found))).scalar_one()
+                found = await conn.execute(counted, {**params, "p_limit": at_most - total})
+                total += found.scalar_one()
         return total
 
     async def release(self, job_id: int, reason: str) -> None:
@@ -1467,22 +1461,4 @@ async def _latest_attempt(conn: Reader, job_id: int) -> AttemptRecord:
 def _rejected(job_id: int, current: str | None, to: JobState) -> TransitionRejected:
     return TransitionRejected(
         f"job {job_id}: cannot move from {current or 'missing'} to {to.value}"
-    )
-
-
-def _retry_waiting(run_id: int) -> ColumnElement[bool]:
-    """Jobs of the run waiting to be retried (due or not; removed rows excluded)."""
-    return and_(
-        jobs.c.run_id == run_id,
-        jobs.c.state == JobState.RETRY_WAIT.value,
-        jobs.c.in_manifest.is_(True),
-    )
-
-
-def _pending(run_id: int) -> ColumnElement[bool]:
-    """Jobs of the run waiting for a first claim (rows removed from the manifest excluded)."""
-    return and_(
-        jobs.c.run_id == run_id,
-        jobs.c.state == JobState.PENDING.value,
-        jobs.c.in_manifest.is_(True),
     )

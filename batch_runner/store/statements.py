@@ -82,6 +82,34 @@ CLAIM_AVOIDED: Select[tuple[int]] = (
     .with_for_update(skip_locked=True)
 )
 
+_PENDING = and_(
+    jobs.c.run_id == bindparam("p_run"),
+    jobs.c.state == JobState.PENDING.value,
+    jobs.c.in_manifest.is_(True),
+)
+_RETRY_WAITING = and_(
+    jobs.c.run_id == bindparam("p_run"),
+    jobs.c.state == JobState.RETRY_WAIT.value,
+    jobs.c.in_manifest.is_(True),
+)
+
+#: One never-run job of the run (p_run), if any.
+ANY_PENDING: Select[tuple[int]] = select(jobs.c.id).where(_PENDING).limit(1)
+#: When the run's (p_run) next retry is due; NULL when none waits.
+NEXT_DUE: Select[tuple[float | None]] = select(func.min(jobs.c.next_eligible_at)).where(
+    _RETRY_WAITING
+)
+#: Never-run jobs of the run (p_run), and its retries due (p_now), counted up to p_limit each.
+COUNT_PENDING: Select[int] = select(func.count()).select_from(
+    select(jobs.c.id).where(_PENDING).limit(_LIMIT).subquery()
+)
+COUNT_DUE: Select[int] = select(func.count()).select_from(
+    select(jobs.c.id)
+    .where(_RETRY_WAITING, jobs.c.next_eligible_at <= _NOW)
+    .limit(_LIMIT)
+    .subquery()
+)
+
 #: Move one claimed job (p_id) from p_from to preparing for an endpoint; returns the row.
 CLAIM: Update = (
     update(jobs)
