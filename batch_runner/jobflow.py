@@ -19,6 +19,7 @@ from batch_runner import clock, outputs
 from batch_runner.comfy.failures import classify_execution_error
 from batch_runner.comfy.models import HistoryEntry, Outcome, OutputFile
 from batch_runner.config import RunSettings
+from batch_runner.disk import fsync_path
 from batch_runner.errors import (
     BatchRunnerError,
     DownloadIncomplete,
@@ -445,11 +446,7 @@ def _execution_error(entry: HistoryEntry | None, watch: PromptWatch, lane: Lane)
 
 def _promote(incoming: Path, final: Path) -> None:
     os.replace(incoming, final)
-    fd = os.open(final.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_path(final.parent)
 
 
 def _one_line(exc: BaseException) -> str:

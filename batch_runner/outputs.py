@@ -18,6 +18,7 @@ from pathlib import Path, PurePosixPath
 import aiohttp
 
 from batch_runner.comfy.client import ComfyClient, HistoryEntry, OutputFile
+from batch_runner.disk import fsync_path
 from batch_runner.errors import DownloadIncomplete, OutputRejected, TransientError
 from batch_runner.threads import run_to_the_end
 
@@ -155,7 +156,7 @@ async def _stream_to(
 
 def _replace_durably(part: Path, dest: Path) -> None:
     os.replace(part, dest)
-    _fsync_dir(dest.parent)
+    fsync_path(dest.parent)
 
 
 def _inside(dest: Path, base_dir: Path) -> Path:
@@ -164,14 +165,6 @@ def _inside(dest: Path, base_dir: Path) -> Path:
     if resolved.parent != base and base not in resolved.parent.parents:
         raise ValueError(f"refusing to write {dest}: it is outside the output folder {base}")
     return resolved
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _remove(path: Path) -> None:

@@ -89,13 +89,7 @@ def sqlite_quick_reader_engine(path: Path) -> Engine:
         connect_args={"check_same_thread": False},  # closed by whichever thread disposes
     )
 
-    @event.listens_for(engine, "connect")
-    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
-        cur = dbapi_conn.cursor()
-        cur.execute("PRAGMA query_only=ON")
-        cur.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
-        cur.close()
-
+    event.listen(engine, "connect", _read_only)
     return engine
 
 
@@ -107,14 +101,15 @@ def sqlite_reader_engine(path: Path) -> AsyncEngine:
         f"sqlite+aiosqlite:///{path}", pool_size=1, max_overflow=0, pool_timeout=3600
     )
 
-    @event.listens_for(engine.sync_engine, "connect")
-    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
-        cur = dbapi_conn.cursor()
-        cur.execute("PRAGMA query_only=ON")
-        cur.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
-        cur.close()
-
+    event.listen(engine.sync_engine, "connect", _read_only)
     return engine
+
+
+def _read_only(dbapi_conn: Any, _record: Any) -> None:
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA query_only=ON")
+    cur.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+    cur.close()
 
 
 def migrate(conn: Connection) -> None:

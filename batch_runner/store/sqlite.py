@@ -28,7 +28,6 @@ thread.
 from __future__ import annotations
 
 import asyncio
-import os
 from collections.abc import AsyncIterator, Callable, Generator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -37,6 +36,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from sqlalchemy import Connection, Dialect, Executable
 from sqlalchemy.exc import OperationalError
 
+from batch_runner.disk import fsync_path
 from batch_runner.store import engine as engine_mod
 from batch_runner.store.location import Database
 from batch_runner.threads import run_to_the_end
@@ -54,16 +54,6 @@ NORMAL = 1
 #: Commits between two checkpoints: a job's commits add ~10 pages each to the log, so the
 #: log stays near the ~1,000 pages (4 MB) after which SQLite's own would checkpoint.
 CHECKPOINT_EVERY = 100
-
-
-def _fsync(path: str) -> None:
-    # Opened each time: the log is the same file while the store is open, but an fd kept
-    # across a deleted and re-made log would sync the old one.
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def is_busy(exc: OperationalError) -> bool:
@@ -296,7 +286,7 @@ class SqliteBackend:
             if self._flushed >= wanted:
                 return  # an fsync that began after our commit has finished
             covered = conn.commits
-            await self._thread.run(_fsync, self._log_path)
+            await self._thread.run(fsync_path, self._log_path)
             self._flushed = covered
 
     async def migrate(self) -> None:

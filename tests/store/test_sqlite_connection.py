@@ -22,7 +22,7 @@ async def test_only_durable_steps_wait_for_an_fsync_of_the_log(
     from batch_runner.store import sqlite as sqlite_mod
 
     steps: list[str] = []
-    commit, fsync = SqliteConnection.commit, sqlite_mod._fsync
+    commit, fsync = SqliteConnection.commit, sqlite_mod.fsync_path
 
     async def noted_commit(self: SqliteConnection) -> None:
         if self.sync.in_transaction():
@@ -40,7 +40,7 @@ async def test_only_durable_steps_wait_for_an_fsync_of_the_log(
         ep = await store.ensure_endpoint(run.id, "http://127.0.0.1:1")
         await store.ingest(run.id, [NewJob("k0", 2, {}, "h0")])
         monkeypatch.setattr(SqliteConnection, "commit", noted_commit)
-        monkeypatch.setattr(sqlite_mod, "_fsync", noted_fsync)
+        monkeypatch.setattr(sqlite_mod, "fsync_path", noted_fsync)
         [job] = await store.claim(run.id, ep.id)
         attempt = await store.begin_attempt(job.id, ep.id, {}, {})
         steps.append("write-ahead record returned")
@@ -76,7 +76,7 @@ async def test_durable_commits_made_while_an_fsync_runs_share_the_next_one(
     fsyncs: list[str] = []
     all_committed = threading.Event()
     commits = 0
-    commit, fsync = SqliteConnection.commit, sqlite_mod._fsync
+    commit, fsync = SqliteConnection.commit, sqlite_mod.fsync_path
 
     async def counted_commit(self: SqliteConnection) -> None:
         nonlocal commits
@@ -95,7 +95,7 @@ async def test_durable_commits_made_while_an_fsync_runs_share_the_next_one(
     async with Store.open(path) as store:
         run = await store.ensure_run("default", "m.csv")
         monkeypatch.setattr(SqliteConnection, "commit", counted_commit)
-        monkeypatch.setattr(sqlite_mod, "_fsync", held_fsync)
+        monkeypatch.setattr(sqlite_mod, "fsync_path", held_fsync)
         await asyncio.gather(
             *(
                 store.set_run_stamps(run.id, manifest_stamp=f"1:{n}", workflow_fingerprint="f")
@@ -131,7 +131,7 @@ async def test_without_a_write_ahead_log_a_durable_commit_is_a_full_one(
 
     monkeypatch.setattr(SqliteConnection, "__init__", in_rollback_journal_mode)
     monkeypatch.setattr(SqliteConnection, "commit", noted_commit)
-    monkeypatch.setattr(sqlite_mod, "_fsync", no_fsync)
+    monkeypatch.setattr(sqlite_mod, "fsync_path", no_fsync)
     async with Store.open(tmp_path / "run.sqlite") as store:
         run = await store.ensure_run("default", "m.csv")
         await store.ensure_endpoints(run.id, ["http://127.0.0.1:1"])
@@ -185,7 +185,7 @@ async def test_only_durable_commits_and_checkpoints_leave_the_loops_thread(
         await store.begin_attempt(job.id, ep.id, {}, {})
         # A free write lock is taken at once and every commit only appends to the log: only
         # the write-ahead commit's fsync went to the store's thread.
-        assert handed == ["_fsync"]
+        assert handed == ["fsync_path"]
 
 
 async def test_the_log_is_checkpointed_on_the_store_thread_every_so_many_commits(
@@ -216,7 +216,7 @@ async def test_the_log_is_checkpointed_on_the_store_thread_every_so_many_commits
         assert handed == ["_commit_and_checkpoint"] * 3
         # A durable commit adds only the fsync of the log.
         await store.set_run_stamps(record.id, manifest_stamp="1:2", workflow_fingerprint="f")
-        assert handed == ["_commit_and_checkpoint"] * 3 + ["_fsync"]
+        assert handed == ["_commit_and_checkpoint"] * 3 + ["fsync_path"]
     with sqlite3.connect(path) as conn:
         assert conn.execute("SELECT count(*) FROM uploads").fetchone() == (30,)
 
