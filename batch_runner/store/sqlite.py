@@ -102,7 +102,16 @@ class _Begin:
 class SqliteConnection:
     """The write connection (a ``connection.Conn``)."""
 
-    __slots__ = ("_level", "_since_checkpoint", "_sync", "_thread", "commits", "durable", "wal")
+    __slots__ = (
+        "_level",
+        "_since_checkpoint",
+        "_sync",
+        "_thread",
+        "commits",
+        "durable",
+        "log_path",
+        "wal",
+    )
 
     def __init__(self, sync: Connection, thread: _Thread) -> None:
         self._sync = sync
@@ -119,6 +128,8 @@ class SqliteConnection:
         # Where the log cannot be used (some network file systems), a durable commit is a
         # synchronous=FULL one, as SQLite makes it, on the store's thread.
         self.wal = raw.execute("PRAGMA journal_mode").fetchone()[0].lower() == "wal"
+        # Where SQLite keeps the log: beside the file it opened, a symlink's target.
+        self.log_path = raw.execute("PRAGMA database_list").fetchone()[2] + "-wal"
 
     @property
     def dialect(self) -> Dialect:
@@ -236,7 +247,6 @@ class SqliteBackend:
         self._quick: Connection | None = None
         self._thread = _Thread("store")
         self._conn: SqliteConnection | None = None
-        self._log_path = f"{db.path}-wal"
         self._flushing = asyncio.Lock()
         #: commits known to be on disk (``SqliteConnection.commits`` when the last fsync began)
         self._flushed = 0
@@ -286,7 +296,7 @@ class SqliteBackend:
             if self._flushed >= wanted:
                 return  # an fsync that began after our commit has finished
             covered = conn.commits
-            await self._thread.run(fsync_path, self._log_path)
+            await self._thread.run(fsync_path, conn.log_path)
             self._flushed = covered
 
     async def migrate(self) -> None:

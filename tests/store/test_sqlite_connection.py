@@ -250,3 +250,28 @@ async def test_quick_reads_stay_on_the_loops_thread_and_hold_no_snapshot(tmp_pat
             assert other.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone() == (0, 0, 0)
         finally:
             other.close()
+
+
+async def test_a_database_reached_through_a_symlink_syncs_the_log_beside_its_target(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from batch_runner.store import sqlite as sqlite_mod
+
+    synced: list[str] = []
+    fsync = sqlite_mod.fsync_path
+
+    def noted_fsync(path: str) -> None:
+        synced.append(path)
+        fsync(path)
+
+    (tmp_path / "disk").mkdir()
+    (tmp_path / "here").mkdir()
+    real = tmp_path / "disk" / "run.sqlite"
+    (tmp_path / "here" / "run.sqlite").symlink_to(real)
+    monkeypatch.setattr(sqlite_mod, "fsync_path", noted_fsync)
+    async with Store.open(tmp_path / "here" / "run.sqlite") as store:
+        run = await store.ensure_run("default", "m.csv")
+        await store.set_run_stamps(run.id, manifest_stamp="1:2", workflow_fingerprint="f")
+    assert synced and set(synced) == {f"{real}-wal"}
+    with sqlite3.connect(real) as conn:
+        assert conn.execute("SELECT manifest_stamp FROM runs").fetchone() == ("1:2",)
