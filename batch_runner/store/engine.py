@@ -176,7 +176,9 @@ def runner_lock(db_path: Path) -> Iterator[IO[str]]:
     The OS drops the lock when the process dies, even by SIGKILL, so a crash never leaves a
     stale lock behind.
     """
-    lock_path = db_path.with_name(db_path.name + ".lock")
+    # Beside the file itself: a runner that reaches it through a symlink takes the same lock.
+    real = db_path.resolve()
+    lock_path = real.with_name(real.name + ".lock")
     handle = lock_path.open("a+")
     try:
         fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)

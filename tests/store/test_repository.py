@@ -143,6 +143,19 @@ async def test_second_runner_is_refused(tmp_path: Path) -> None:
             pass
 
 
+async def test_a_runner_reaching_the_database_through_a_symlink_is_refused(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "disk").mkdir()
+    (tmp_path / "here").mkdir()
+    real = tmp_path / "disk" / "run.sqlite"
+    (tmp_path / "here" / "run.sqlite").symlink_to(real)
+    async with Store.open(real):
+        with pytest.raises(RunLocked, match="in use by another batch-runner"):
+            async with Store.open(tmp_path / "here" / "run.sqlite"):
+                pass
+
+
 async def test_attempt_states_survive_reopen(tmp_path: Path) -> None:
     path = tmp_path / "run.sqlite"
     async with Store.open(path) as s:
