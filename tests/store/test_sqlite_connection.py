@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 import threading
 from pathlib import Path
@@ -245,11 +246,8 @@ async def test_quick_reads_stay_on_the_loops_thread_and_hold_no_snapshot(tmp_pat
         assert await store.has_claimable(run.id) == (False, None), "sees the last commit"
         assert threads and set(threads) == {threading.get_ident()}
         # No read is left open: a full checkpoint copies the whole log and empties it.
-        other = sqlite3.connect(path)
-        try:
+        with contextlib.closing(sqlite3.connect(path)) as other:
             assert other.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone() == (0, 0, 0)
-        finally:
-            other.close()
 
 
 async def test_a_database_reached_through_a_symlink_syncs_the_log_beside_its_target(
