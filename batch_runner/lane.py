@@ -72,7 +72,7 @@ class Lane:
         #: set once the endpoint accepted a prompt of this run
         self.accepted_one = asyncio.Event()
         self._probe: asyncio.Task[None] | None = None
-        self._listener: asyncio.Task[None] | None = None
+        self._listening = False
         self._upload_locks: dict[str, asyncio.Lock] = {}
         self._uploaded: OrderedDict[str, str] = OrderedDict()
         #: every upload the store knows of for this endpoint is in ``_uploaded``
@@ -104,9 +104,9 @@ class Lane:
 
     def start_listening(self) -> None:
         """Read the websocket (:meth:`listen`) from now until :meth:`close`; once only."""
-        if self._listener is None:
-            self._listener = asyncio.ensure_future(self.listen())
-            self._listener.set_name(f"{self.name}:ws")
+        if not self._listening:
+            self._listening = True
+            self._spawn(self.listen(), "ws")
 
     async def listen(self) -> None:
         """Read the websocket for the whole run; reconcile every watch after each connect.
@@ -139,11 +139,10 @@ class Lane:
     async def close(self) -> None:
         if self._probe is not None:
             self._probe.cancel()
-        tasks = [*self._tasks, *([self._listener] if self._listener else [])]
-        for task in tasks:
+        for task in list(self._tasks):
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        self._listener = None
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._listening = False
         await self.stream.aclose()
         await self.client.aclose()
 

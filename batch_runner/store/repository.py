@@ -1027,11 +1027,8 @@ class Store:
                 .group_by(uploads.c.endpoint_id)
             )
             counts = {endpoint_id: n for endpoint_id, n in counted}
-            found: dict[int, dict[str, str] | None] = {
-                endpoint_id: None if counts.get(endpoint_id, 0) > at_most else {}
-                for endpoint_id in endpoint_ids
-            }
-            wanted = [e for e, n in counts.items() if 0 < n <= at_most]
+            wanted = [e for e, n in counts.items() if n <= at_most]
+            names: dict[int, dict[str, str]] = {e: {} for e in endpoint_ids}
             if wanted:
                 rows = await conn.execute(
                     select(uploads.c.endpoint_id, uploads.c.sha256, uploads.c.name).where(
@@ -1039,10 +1036,8 @@ class Store:
                     )
                 )
                 for endpoint_id, sha256, name in rows:
-                    names = found[endpoint_id]
-                    assert names is not None
-                    names[sha256] = name
-        return found
+                    names[endpoint_id][sha256] = name
+        return {e: None if counts.get(e, 0) > at_most else names[e] for e in endpoint_ids}
 
     async def record_upload(self, endpoint_id: int, sha256: str, name: str) -> None:
         async with self._tx(durable=False) as conn:

@@ -43,12 +43,20 @@ NEW_ATTEMPT: Insert = insert(attempts).returning(attempts)
 _NOW = bindparam("p_now", type_=Float)
 _LIMIT = bindparam("p_limit", type_=Integer)
 
-_DUE = and_(
+#: Never-run jobs of the run (p_run); rows removed from the manifest are left out.
+_PENDING = and_(
     jobs.c.run_id == bindparam("p_run"),
+    jobs.c.state == JobState.PENDING.value,
     jobs.c.in_manifest.is_(True),
-    jobs.c.state == JobState.RETRY_WAIT.value,
-    jobs.c.next_eligible_at <= _NOW,
 )
+#: Jobs of the run (p_run) waiting to be retried, due or not.
+_RETRY_WAITING = and_(
+    jobs.c.run_id == bindparam("p_run"),
+    jobs.c.state == JobState.RETRY_WAIT.value,
+    jobs.c.in_manifest.is_(True),
+)
+#: ... and due by p_now.
+_DUE = and_(_RETRY_WAITING, jobs.c.next_eligible_at <= _NOW)
 _NOT_AVOIDED = or_(
     jobs.c.avoid_endpoint_id.is_(None), jobs.c.avoid_endpoint_id != bindparam("p_endpoint")
 )
@@ -65,11 +73,7 @@ CLAIM_DUE: Select[tuple[int]] = (
 )
 CLAIM_PENDING: Select[tuple[int]] = (
     select(jobs.c.id)
-    .where(
-        jobs.c.run_id == bindparam("p_run"),
-        jobs.c.state == JobState.PENDING.value,
-        jobs.c.in_manifest.is_(True),
-    )
+    .where(_PENDING)
     .order_by(jobs.c.id)
     .limit(_LIMIT)
     .with_for_update(skip_locked=True)
@@ -80,17 +84,6 @@ CLAIM_AVOIDED: Select[tuple[int]] = (
     .order_by(jobs.c.next_eligible_at)
     .limit(_LIMIT)
     .with_for_update(skip_locked=True)
-)
-
-_PENDING = and_(
-    jobs.c.run_id == bindparam("p_run"),
-    jobs.c.state == JobState.PENDING.value,
-    jobs.c.in_manifest.is_(True),
-)
-_RETRY_WAITING = and_(
-    jobs.c.run_id == bindparam("p_run"),
-    jobs.c.state == JobState.RETRY_WAIT.value,
-    jobs.c.in_manifest.is_(True),
 )
 
 #: One never-run job of the run (p_run), if any.
@@ -104,10 +97,7 @@ COUNT_PENDING: Select[int] = select(func.count()).select_from(
     select(jobs.c.id).where(_PENDING).limit(_LIMIT).subquery()
 )
 COUNT_DUE: Select[int] = select(func.count()).select_from(
-    select(jobs.c.id)
-    .where(_RETRY_WAITING, jobs.c.next_eligible_at <= _NOW)
-    .limit(_LIMIT)
-    .subquery()
+    select(jobs.c.id).where(_DUE).limit(_LIMIT).subquery()
 )
 
 #: Move one claimed job (p_id) from p_from to preparing for an endpoint; returns the row.
