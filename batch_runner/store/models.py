@@ -14,6 +14,7 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    text,
 )
 
 # Named constraints from day one: SQLite's batch migrations can only alter what has a name.
@@ -104,8 +105,23 @@ jobs = Table(
     # Matches the claim query: claimable states of one run, oldest first. With in_manifest
     # it also covers counting a run's jobs by state (no row is read).
     Index(None, "run_id", "state", "id", "in_manifest"),
-    Index(None, "runner_id", "state"),
-    Index(None, "claimed_endpoint_id", "state"),
+    # Partial: only shared databases set these, so a lone runner's jobs (every row on SQLite)
+    # cost these indexes nothing on ingest or on a state change. Each query on them compares
+    # the column with a value, which implies the condition.
+    Index(
+        None,
+        "runner_id",
+        "state",
+        sqlite_where=text("runner_id IS NOT NULL"),
+        postgresql_where=text("runner_id IS NOT NULL"),
+    ),
+    Index(
+        None,
+        "claimed_endpoint_id",
+        "state",
+        sqlite_where=text("claimed_endpoint_id IS NOT NULL"),
+        postgresql_where=text("claimed_endpoint_id IS NOT NULL"),
+    ),
 )
 
 attempts = Table(

@@ -29,6 +29,25 @@ def test_migrations_produce_exactly_the_models(tmp_path: Path) -> None:
     assert _revision(path) == [HEAD_REVISION]
 
 
+def _index_definitions(path: Path) -> list[tuple[str, str]]:
+    with sqlite3.connect(path) as conn:
+        found = conn.execute(
+            "SELECT name, sql FROM sqlite_master WHERE type = 'index' AND sql IS NOT NULL"
+        )
+        return sorted(found)
+
+
+async def test_migrated_indexes_keep_the_models_conditions(tmp_path: Path) -> None:
+    """Alembic's comparison leaves out a partial index's condition; the definitions do not."""
+    migrated, created = tmp_path / "migrated.sqlite", tmp_path / "created.sqlite"
+    migrate_sqlite(migrated)
+    async with Store.open(created):
+        pass
+    definitions = _index_definitions(migrated)
+    assert definitions == _index_definitions(created)
+    assert any(sql.endswith("WHERE runner_id IS NOT NULL") for _, sql in definitions)
+
+
 async def test_a_new_file_gets_the_models_schema_stamped_with_the_newest_revision(
     tmp_path: Path,
 ) -> None:

@@ -12,6 +12,7 @@ from typing import Any
 from sqlalchemy import event
 
 from batch_runner.store import NewJob, Store
+from batch_runner.store.models import jobs
 from batch_runner.store.sqlite import SqliteBackend
 
 Statements = list[tuple[str, Any]]
@@ -94,3 +95,39 @@ async def test_resume_start_up_and_live_display_queries_read_no_row_they_do_not_
                 assert "finished_at>?" in plan, (sql, plan)
     assert any("GROUP BY jobs.state" in s for s, _ in reads)
     assert any("FROM attempts" in s and "finished_at >=" in s for s, _ in reads)
+
+
+async def test_shared_ownership_queries_use_the_partial_indexes(tmp_path: Path) -> None:
+    """The runner and claimed-endpoint indexes hold only rows that have one; the queries on
+    those columns still search them (a value compared implies the index's condition)."""
+    path = tmp_path / "run.sqlite"
+    async with Store.open(path) as store:
+        run = await store.ensure_run("default", "m.csv")
+        await store.ingest(run.id, [NewJob(f"k{i}", i, {}, f"h{i}") for i in range(300)])
+        endpoint = await store.ensure_endpoint(run.id, "http://127.0.0.1:1")
+        with statements_of(store) as seen:
+            await store.claim(run.id, endpoint.id, runner_id=1, capacity=4)
+            await store.release_all_preparing(run.id, runner_id=1)
+            await store.in_flight(run.id, runner_id=1)
+            await store.observations(run.id, 0.0, runner_id=1)
+    indexes = {"runner_id": "ix_jobs_runner_id_state", "claimed_endpoint_id": "ix_jobs_claimed"}
+    checked = set()
+    with sqlite3.connect(path) as conn:
+
+        def plan(sql: str, params: Any) -> str:
+            return " ".join(row[3] for row in conn.execute(f"EXPLAIN QUERY PLAN {sql}", params))
+
+        for sql, params in seen:
+            if not sql.lstrip().upper().startswith("SELECT") or "FROM jobs" not in sql:
+                continue
+            where = sql.split("WHERE", 1)[-1]
+            for column, prefix in indexes.items():
+                if f"jobs.{column} = " not in where:
+                    continue
+                assert "SCAN jobs" not in plan(sql, params), sql
+                # INDEXED BY fails to plan where the index's condition does not hold.
+                (index,) = [i.name for i in jobs.indexes if str(i.name).startswith(prefix)]
+                forced = sql.replace("FROM jobs", f"FROM jobs INDEXED BY {index}", 1)
+                assert index in plan(forced, params), sql
+                checked.add(column)
+    assert checked == set(indexes), seen
