@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import Insert, Table, TableClause, insert, literal, select
+from sqlalchemy import Insert, Table, TableClause, insert
 from sqlalchemy.dialects import postgresql, sqlite
 
 from batch_runner.store.connection import Conn, Reader
@@ -63,42 +63,3 @@ def insert_sql(conn: Reader, table: Table, columns: Sequence[str]) -> str:
     if compiled.positiontup != list(columns):  # a column with a default was left out
         raise ValueError(f"name every column of the INSERT: {compiled.positiontup}")
     return str(compiled)
-
-
-async def drop_indexes_while_empty(conn: Conn, table: Table) -> list[str]:
-    """On SQLite, when ``table`` has no rows at all: drop the secondary indexes the models
-    declare on it, in the caller's transaction; return the statements that create them again.
-
-    Filling an empty table and then building its indexes costs about a quarter less than
-    keeping the indexes up to date row by row. The statements are the database's own (its
-    schema text), so the schema after they run is the one it had. SQLite's DDL is
-    transactional: a rollback keeps the indexes. Nothing is dropped on PostgreSQL, where
-    dropping an index locks the whole table against the other runners sharing it, nor while
-    any run has rows, which the indexes would have to be rebuilt over.
-    """
-    if is_postgres(conn):
-        return []
-    if (await conn.execute(select(literal(1)).select_from(table).limit(1))).first() is not None:
-        return []
-    declared = {index.name for index in table.indexes}
-    found = await conn.exec_driver_sql(
-        "SELECT name, sql FROM sqlite_master WHERE type = 'index' AND tbl_name = ?",
-        (table.name,),
-    )
-    indexes = [(name, sql) for name, sql in found if name in declared and sql]
-    preparer = conn.dialect.identifier_preparer
-    for name, _ in indexes:
-        await conn.exec_driver_sql(f"DROP INDEX {preparer.quote(name)}")
-    return [sql for _, sql in indexes]
-
-
-async def create_indexes(conn: Conn, statements: Sequence[str]) -> None:
-    """Run the statements ``drop_indexes_while_empty`` returned, on SQLite's store thread: an
-    index over a million rows takes most of a second, which the loop spends elsewhere."""
-    from batch_runner.store.sqlite import SqliteConnection
-
-    for statement in statements:
-        if isinstance(conn, SqliteConnection):
-            await conn.exec_long(statement)
-        else:
-            await conn.exec_driver_sql(statement)

@@ -369,8 +369,6 @@ class Store:
         while the next batch is read, so reading and storing overlap.
         """
         sql = dialect.insert_sql(conn, jobs, _NEW_JOB_COLUMNS)
-        # The first ingest into a new database: the indexes are built once, at the end.
-        create_indexes = await dialect.drop_indexes_while_empty(conn, jobs)
         now = _now()
         added = 0
         batch: list[tuple[Any, ...]] = []
@@ -393,7 +391,6 @@ class Store:
             if batch:
                 await conn.exec_driver_sql(sql, batch)
                 added += len(batch)
-            await dialect.create_indexes(conn, create_indexes)
         finally:
             if inserting is not None and not inserting.done():
                 # Leaving early (a row raised): the connection is idle before the rollback.

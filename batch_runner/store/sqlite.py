@@ -153,13 +153,6 @@ class SqliteConnection:
             return await self._thread.run(self._sync.exec_driver_sql, statement, parameters)
         return self._sync.exec_driver_sql(statement, parameters)
 
-    async def exec_long(self, statement: str) -> None:
-        """A statement that takes long (an index built over a million rows), on the store's
-        thread: the loop goes on meanwhile."""
-        if not self._sync.in_transaction():
-            await self.start()
-        await self._thread.run(self._sync.exec_driver_sql, statement)
-
     def begin(self) -> _Begin:
         return _Begin(self)
 

@@ -1,5 +1,6 @@
-"""A run's first ingest into a new SQLite database builds the jobs indexes once, at the end;
-whatever happens, the schema afterwards is the one the database had."""
+"""A run's first ingest stores its rows in INSERT batches, each on the store's side while
+the next is read; whatever happens, the schema is the one the database had and a rolled
+back ingest keeps nothing."""
 
 from __future__ import annotations
 
@@ -11,13 +12,9 @@ from typing import Any
 import pytest
 
 from batch_runner.errors import ManifestError, ManifestProblem
-from batch_runner.store import NewJob, Store, dialect
+from batch_runner.store import NewJob, Store
 from batch_runner.store import repository as repository_mod
-from batch_runner.store.connection import Conn
-from batch_runner.store.models import jobs
-from tests.store.schema import migrate_sqlite, postgres_schema_diff, sqlite_schema_diff
-
-JOBS_INDEXES = sorted(index.name for index in jobs.indexes if isinstance(index.name, str))
+from tests.store.schema import postgres_schema_diff, sqlite_schema_diff
 
 
 def rows(n: int, prefix: str = "k") -> list[NewJob]:
@@ -29,40 +26,18 @@ def schema(path: Path) -> list[tuple[Any, ...]]:
         return sorted(conn.execute("SELECT type, name, tbl_name, sql FROM sqlite_master"))
 
 
-def jobs_indexes(path: Path) -> list[str]:
-    with sqlite3.connect(path) as conn:
-        found = conn.execute(
-            "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'jobs' "
-            "AND sql IS NOT NULL ORDER BY name"
-        )
-        return [name for (name,) in found]
-
-
 def integrity(path: Path) -> list[str]:
     with sqlite3.connect(path) as conn:
         return [r for (r,) in conn.execute("PRAGMA integrity_check")]
 
 
-@pytest.fixture
-def indexes_while_inserting(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
-    """The jobs indexes the ingest's transaction sees once every row is in, per ingest."""
-    seen: list[list[str]] = []
-    create_indexes = dialect.create_indexes
-
-    async def spying(conn: Conn, statements: list[str]) -> None:
-        listed = await conn.exec_driver_sql("PRAGMA index_list(jobs)")
-        seen.append(sorted(row[1] for row in listed if row[3] == "c"))  # made by CREATE INDEX
-        await create_indexes(conn, statements)
-
-    monkeypatch.setattr(dialect, "create_indexes", spying)
+@pytest.fixture(autouse=True)
+def small_batches(monkeypatch: pytest.MonkeyPatch) -> None:
     # Several INSERT batches, so one is in flight while the next is read.
     monkeypatch.setattr(repository_mod, "INGEST_FRESH_BATCH", 7)
-    return seen
 
 
-async def test_the_first_ingest_builds_the_indexes_at_the_end_as_they_were(
-    tmp_path: Path, indexes_while_inserting: list[list[str]]
-) -> None:
+async def test_the_first_ingest_stores_every_row_and_keeps_the_schema(tmp_path: Path) -> None:
     path = tmp_path / "run.sqlite"
     async with Store.open(path) as store:
         before = schema(path)
@@ -70,16 +45,12 @@ async def test_the_first_ingest_builds_the_indexes_at_the_end_as_they_were(
         report = await store.ingest(run.id, rows(30))
         assert report.added == 30
         assert sum((await store.counts(run.id)).values()) == 30
-    assert indexes_while_inserting == [[]]
-    assert jobs_indexes(path) == JOBS_INDEXES
     assert schema(path) == before
     assert sqlite_schema_diff(path) == []
     assert integrity(path) == ["ok"]
 
 
-async def test_a_rolled_back_first_ingest_leaves_the_indexes(
-    tmp_path: Path, indexes_while_inserting: list[list[str]]
-) -> None:
+async def test_a_rolled_back_first_ingest_keeps_nothing(tmp_path: Path) -> None:
     path = tmp_path / "run.sqlite"
 
     def invalid_at_the_end() -> Iterator[NewJob]:
@@ -91,45 +62,14 @@ async def test_a_rolled_back_first_ingest_leaves_the_indexes(
         run = await store.ensure_run("default", "m.csv")
         with pytest.raises(ManifestError):
             await store.ingest(run.id, invalid_at_the_end())
-        assert schema(path) == before
         assert sum((await store.counts(run.id)).values()) == 0
-        # The store goes on with the same schema: the next ingest is a first one again.
+        # The store goes on: the next ingest is a first one again.
         assert (await store.ingest(run.id, rows(3))).added == 3
-    assert indexes_while_inserting == [[]]
     assert schema(path) == before
     assert integrity(path) == ["ok"]
 
 
-async def test_indexes_stay_while_another_run_has_jobs(
-    tmp_path: Path, indexes_while_inserting: list[list[str]]
-) -> None:
-    path = tmp_path / "run.sqlite"
-    async with Store.open(path) as store:
-        first = await store.ensure_run("first", "m.csv")
-        await store.ingest(first.id, rows(10))
-        before = schema(path)
-        second = await store.ensure_run("second", "m.csv")
-        assert (await store.ingest(second.id, rows(10, "s"))).added == 10
-    assert indexes_while_inserting == [[], JOBS_INDEXES]
-    assert schema(path) == before
-    assert integrity(path) == ["ok"]
-
-
-async def test_a_migrated_database_keeps_its_own_index_text(
-    tmp_path: Path, indexes_while_inserting: list[list[str]]
-) -> None:
-    path = tmp_path / "run.sqlite"
-    migrate_sqlite(path)
-    before = schema(path)
-    async with Store.open(path) as store:
-        run = await store.ensure_run("default", "m.csv")
-        assert (await store.ingest(run.id, rows(20))).added == 20
-    assert indexes_while_inserting == [[]]
-    assert schema(path) == before
-    assert integrity(path) == ["ok"]
-
-
-async def test_postgresql_keeps_its_indexes_through_a_first_ingest(pg_url: str) -> None:
+async def test_postgresql_keeps_its_schema_through_a_first_ingest(pg_url: str) -> None:
     async with Store.open(pg_url) as store:
         run = await store.ensure_run("default", "m.csv")
         assert (await store.ingest(run.id, rows(20))).added == 20
