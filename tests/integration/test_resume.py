@@ -20,7 +20,7 @@ from batch_runner.emulator import Emulator, EmulatorConfig
 from batch_runner.runner import RunSummary, run_batch, template_for
 from batch_runner.scheduler import Scheduler
 from batch_runner.states import JobState
-from batch_runner.store.engine import alembic_config
+from batch_runner.store.engine import HEAD_REVISION, alembic_config
 from tests.helpers import make_image, settings_for, write_csv
 
 FAST = EmulatorConfig(step_ms=2.0, video_max_side=32)
@@ -119,8 +119,12 @@ async def test_database_from_the_previous_schema_upgrades_and_resumes(tmp_path: 
     with sqlite3.connect(settings.db) as conn:
         [(head,)] = conn.execute("SELECT version_num FROM alembic_version")
         indexes = {r[1] for r in conn.execute("PRAGMA index_list(attempts)")}
-    assert head == "0004"
+        [(runner_index,)] = conn.execute(
+            "SELECT sql FROM sqlite_master WHERE name = 'ix_jobs_runner_id_state'"
+        )
+    assert head == HEAD_REVISION
     assert "ix_attempts_endpoint_id_state" in indexes
+    assert runner_index.endswith("WHERE runner_id IS NOT NULL")
 
 
 def _set_schema(db: Path, revision: str) -> None:
