@@ -35,7 +35,8 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-#: Loader inputs whose value is a file in a model folder the server lists on /models/{folder}.
+#: Loader inputs whose value is a file in a model folder the server lists on /models/{folder}
+#: (asked when the loader's /object_info schema publishes no option list for the input).
 MODEL_FOLDERS: Mapping[tuple[str, str], str] = {
     ("UNETLoader", "unet_name"): "diffusion_models",
     ("CLIPLoader", "clip_name"): "text_encoders",
@@ -63,7 +64,8 @@ class ModelFile:
     """One model file a node of the workflow loads."""
 
     name: str
-    #: the /models folder it lives in, or None when only the loader's option list tells
+    #: the /models folder it lives in (listed only when its loader publishes no option list),
+    #: or None when only the loader's option list tells
     folder: str | None
     node_id: str
     class_type: str
@@ -183,15 +185,18 @@ async def check_endpoint(settings: EndpointSettings, needs: Requirements) -> End
         try:
             at_once = asyncio.Semaphore(CONCURRENT_QUESTIONS)
             schemas = await _each(needs.node_classes, client.object_info, at_once)
-            folders = sorted({m.folder for m in needs.models if m.folder})
+            # A loader's option list is the files the server will accept (it validates a
+            # prompt by name against it), so a folder is listed only for a loader that
+            # publishes none: usually no question at all, and no second round of them.
+            folders = sorted(
+                {m.folder for m in needs.models if m.folder and _published(m, schemas) is None}
+            )
             listed = await _each(folders, client.models, at_once)
         except EndpointError as exc:
             return EndpointCheck(settings.url, True, error=exc.message)
     # An unknown class answers {} (PROTOCOL §2.10).
     missing_nodes = tuple(c for c in needs.node_classes if c not in schemas[c])
-    missing_models = tuple(
-        m for m in needs.models if not _has_model(m, listed, schemas[m.class_type])
-    )
+    missing_models = tuple(m for m in needs.models if not _has_model(m, listed, schemas))
     return EndpointCheck(
         settings.url, True, missing_nodes=missing_nodes, missing_models=missing_models
     )
@@ -223,20 +228,28 @@ async def _patiently(ask: Callable[[], Awaitable[T]]) -> T:
     raise AssertionError("unreachable")  # the loop returns or raises
 
 
+def _published(model: ModelFile, schemas: Mapping[str, Mapping[str, Any]]) -> list[str] | None:
+    """The option list the model's loader publishes for its input, or None."""
+    schema = schemas[model.class_type].get(model.class_type)
+    return _options(schema, model.input_name) if isinstance(schema, dict) else None
+
+
 def _has_model(
-    model: ModelFile, listed: Mapping[str, list[str] | None], answer: Mapping[str, Any]
+    model: ModelFile,
+    listed: Mapping[str, list[str] | None],
+    schemas: Mapping[str, Mapping[str, Any]],
 ) -> bool:
-    files = listed.get(model.folder) if model.folder else None
-    if files is not None:
-        # /models lists paths with "/" separators; workflows exported on Windows use "\".
-        return model.name.replace("\\", "/") in {f.replace("\\", "/") for f in files}
-    schema = answer.get(model.class_type)
-    if not isinstance(schema, dict):
+    if not isinstance(schemas[model.class_type].get(model.class_type), dict):
         return True  # the class itself is missing, which is reported on its own
-    options = _options(schema, model.input_name)
-    # A loader that publishes no option list cannot be checked here; the server's own
-    # validation will say so at submit time.
-    return options is None or model.name in options
+    files = _published(model, schemas)
+    if files is None and model.folder:
+        files = listed.get(model.folder)
+    # A loader that publishes no option list and has no folder to list cannot be checked
+    # here; the server's own validation will say so at submit time.
+    if files is None:
+        return True
+    # Servers list paths with "/" separators; workflows exported on Windows use "\".
+    return model.name.replace("\\", "/") in {f.replace("\\", "/") for f in files}
 
 
 async def check_endpoints(

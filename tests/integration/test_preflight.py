@@ -10,6 +10,7 @@ import socket
 import sqlite3
 from contextlib import AsyncExitStack
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -105,6 +106,39 @@ async def test_unknown_node_classes_and_option_list_models_are_found() -> None:
     assert checks[0].missing_models == ()
     # UpscaleModelLoader has no /models folder mapping: its published option list decides.
     assert [m.name for m in checks[1].missing_models] == ["4x.pth"]
+
+
+async def test_model_files_come_from_the_loaders_option_lists(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The loaders publish the files they accept, so no folder is listed; where a loader
+    publishes no option list, its folder's listing decides."""
+    from batch_runner.comfy.client import ComfyClient
+
+    listed: list[str] = []
+    models, object_info = ComfyClient.models, ComfyClient.object_info
+
+    async def listing(self: ComfyClient, folder: str) -> list[str] | None:
+        listed.append(folder)
+        return await models(self, folder)
+
+    monkeypatch.setattr(ComfyClient, "models", listing)
+    template = wan22_template()
+    async with Emulator(fast(models=WITHOUT_LOW_NOISE)) as short:
+        [check] = await check_endpoints([EndpointSettings(short.url)], template)
+        assert [m.name for m in check.missing_models] == [LOW_NOISE]
+        assert listed == []
+
+        async def without_unet_options(self: ComfyClient, node_class: str) -> dict[str, Any]:
+            answer = await object_info(self, node_class)
+            if node_class == "UNETLoader":
+                answer["UNETLoader"]["input"]["required"]["unet_name"] = ["STRING", {}]
+            return answer
+
+        monkeypatch.setattr(ComfyClient, "object_info", without_unet_options)
+        [check] = await check_endpoints([EndpointSettings(short.url)], template)
+    assert [m.name for m in check.missing_models] == [LOW_NOISE]
+    assert listed == ["diffusion_models"]
 
 
 async def test_run_leaves_out_an_endpoint_that_lacks_a_model(
