@@ -450,6 +450,7 @@ def status(manifest: Path | None, db: DbLocation | None, watch: bool, interval: 
     if watch:
         from batch_runner.watch import watch_status
 
+        # A signal before the watch set its handlers up interrupts as usual.
         with suppress(KeyboardInterrupt):
             asyncio.run(watch_status(_db_for(manifest, db), Console(), interval))
         sys.exit(EXIT_OK)

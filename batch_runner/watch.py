@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import signal
 
 from rich.console import Console, Group, RenderableType
 from rich.live import Live
@@ -37,20 +39,35 @@ def view(manifest: str, snap: Snapshot, videos: dict[str, int]) -> RenderableTyp
 
 
 async def watch_status(db: DbLocation, console: Console, interval: float) -> None:
-    """Refresh until interrupted: a live view on a terminal, a plain line per tick otherwise."""
+    """Refresh until SIGINT or SIGTERM: a live view on a terminal, a plain line per tick
+    otherwise.
+
+    A signal ends the loop between two refreshes, and the store then closes as at any
+    other end, instead of a cancellation landing inside a read on the store's connections.
+    """
     require_db(db)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
     async with Store.open(db, exclusive=False) as store:
         run = await store.only_run()
         if run is None:
             raise InputError(f"{db} holds no run yet; start it with `batch-runner run` first")
         if not console.is_terminal:
-            while True:
+            while not stop.is_set():
                 console.print(summary_line(await snapshot(store, run.id)), highlight=False)
-                await asyncio.sleep(interval)
+                await _pause(stop, interval)
+            return
         with Live(console=console, auto_refresh=False) as live:
-            while True:
+            while not stop.is_set():
                 snap = await snapshot(store, run.id)
                 per_endpoint = await store.endpoint_counts(run.id)
                 videos = {url: states.get("succeeded", 0) for url, states in per_endpoint.items()}
                 live.update(view(run.manifest, snap, videos), refresh=True)
-                await asyncio.sleep(interval)
+                await _pause(stop, interval)
+
+
+async def _pause(stop: asyncio.Event, seconds: float) -> None:
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), seconds)

@@ -12,6 +12,7 @@ import sqlite3
 import urllib.request
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 from batch_runner.cli import main
@@ -274,13 +275,14 @@ def test_json_logs_are_one_object_per_line(tmp_path: Path) -> None:
     assert "bad.csv:2:frames" in error["message"]
 
 
-def test_status_watch_follows_a_run_until_interrupted(tmp_path: Path) -> None:
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM])
+def test_status_watch_follows_a_run_until_interrupted(tmp_path: Path, stop: signal.Signals) -> None:
     _batch(tmp_path, 2)
     assert cli("run", "jobs.csv", "--emulate", "1", cwd=tmp_path).returncode == 0
     watcher = start_cli("status", "jobs.csv", "--watch", "--interval", "0.1", cwd=tmp_path)
     assert watcher.stdout is not None
     lines = [watcher.stdout.readline() for _ in range(2)]
-    watcher.send_signal(signal.SIGINT)
+    watcher.send_signal(stop)
     assert watcher.wait(timeout=30) == 0
     assert all(line.startswith("2 done, 0 failed, 0 running, 0 pending") for line in lines)
 
