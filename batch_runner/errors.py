@@ -13,6 +13,7 @@
     │   └── SchemaError             the database was made by a newer batch_runner
     └── EndpointError               talking to one ComfyUI endpoint
         ├── AccessDenied            401/403 from the endpoint (a proxy refusing the token)
+        ├── NotComfyUI              the URL answers HTTP, but not as ComfyUI's API
         ├── TransientError          worth retrying, preferably elsewhere
         │   ├── EndpointUnavailable connection refused/reset, DNS, timeout
         │   ├── ServerError         HTTP 5xx or an answer that is not what the protocol says
@@ -46,6 +47,7 @@ __all__ = [
     "InputError",
     "ManifestError",
     "ManifestProblem",
+    "NotComfyUI",
     "OutputRejected",
     "PermanentError",
     "PromptLost",
@@ -145,6 +147,11 @@ class EndpointError(BatchRunnerError):
 
 class AccessDenied(EndpointError):
     """The endpoint, or a proxy in front of it, refused our token (HTTP 401 or 403)."""
+
+
+class NotComfyUI(EndpointError):
+    """The URL answers HTTP, but its health probe is not ComfyUI's: a 4xx status (other than
+    401, 403 and 429), or a 200 that is not a JSON object. A wrong port, path or host."""
 
 
 class TransientError(EndpointError):

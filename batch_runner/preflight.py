@@ -24,6 +24,7 @@ from batch_runner.errors import (
     EndpointError,
     EndpointUnavailable,
     InputError,
+    NotComfyUI,
     ServerError,
 )
 from batch_runner.workflow import WorkflowTemplate
@@ -95,6 +96,8 @@ class EndpointCheck:
     url: str
     reachable: bool
     token_accepted: bool = True
+    #: False when the URL answers HTTP, but not as ComfyUI (a wrong port, path or host)
+    comfyui: bool = True
     error: str | None = None
     missing_nodes: tuple[str, ...] = ()
     missing_models: tuple[ModelFile, ...] = field(default_factory=tuple)
@@ -106,7 +109,7 @@ class EndpointCheck:
     @property
     def unable(self) -> bool:
         """It answered, and what it said shows it cannot run the workflow."""
-        return self.reachable and (not self.token_accepted or self.lacks)
+        return self.reachable and (not self.token_accepted or not self.comfyui or self.lacks)
 
     @property
     def lacks(self) -> bool:
@@ -118,6 +121,8 @@ class EndpointCheck:
             return f"unreachable: {self.error}"
         if not self.token_accepted:
             return f"token refused: {self.error}"
+        if not self.comfyui:
+            return f"not ComfyUI: {self.error}"
         if self.error:
             return f"could not check: {self.error}"
         if not self.lacks:
@@ -180,6 +185,8 @@ async def check_endpoint(settings: EndpointSettings, needs: Requirements) -> End
             return EndpointCheck(settings.url, reachable=False, error=exc.message)
         except AccessDenied as exc:
             return EndpointCheck(settings.url, True, token_accepted=False, error=exc.message)
+        except NotComfyUI as exc:
+            return EndpointCheck(settings.url, True, comfyui=False, error=exc.message)
         except EndpointError as exc:
             return EndpointCheck(settings.url, True, error=exc.message)
         try:
@@ -270,7 +277,7 @@ def refusal(checks: Iterable[EndpointCheck]) -> str:
     checks = list(checks)
     lines = [f"  {c.url}: {c.verdict()}" for c in checks]
     advice = []
-    if any(not c.reachable for c in checks):
+    if any(not c.reachable or not c.comfyui for c in checks):
         advice.append("check the URLs and that ComfyUI is running there")
     if any(c.reachable and not c.token_accepted for c in checks):
         advice.append("check --token (or token_env in the config file)")

@@ -44,6 +44,7 @@ from batch_runner.comfy.models import (
 from batch_runner.errors import (
     AccessDenied,
     EndpointUnavailable,
+    NotComfyUI,
     OutputRejected,
     PromptLost,
     ServerError,
@@ -130,7 +131,8 @@ class ComfyClient:
         """``GET /system_stats``; answers as soon as the server listens: the health probe.
 
         401/403 raise :class:`AccessDenied`: ComfyUI has no authentication of its own, so that
-        is a proxy in front of it refusing the token (or its absence)."""
+        is a proxy in front of it refusing the token (or its absence). :class:`NotComfyUI`
+        when something else answers at the URL."""
         status, body = await self._request("GET", "/system_stats")
         if status in (401, 403):
             raise AccessDenied(
@@ -138,7 +140,22 @@ class ComfyClient:
                 + ("refused" if self.endpoint.token else "missing"),
                 endpoint=self.endpoint.name,
             )
-        return self._dict(self._decode(status, body, "/system_stats"), "/system_stats")
+        # Every ComfyUI serves /system_stats from the moment it listens, so a client error or
+        # a 200 that is not a JSON object means the URL points at something else. A 5xx or
+        # 429 (a proxy whose ComfyUI is down or busy) stays a ServerError: it may pass.
+        if 400 <= status < 500 and status != 429:
+            self._not_comfyui(f"/system_stats answered {status} with {_described(body)}")
+        if status != 200:
+            self._violation(
+                "/system_stats", f"unexpected status {status}: {_quote(body) or 'empty body'}"
+            )
+        try:
+            stats = json.loads(body)
+        except (ValueError, RecursionError):
+            stats = None
+        if not isinstance(stats, dict):
+            self._not_comfyui(f"/system_stats answered {_described(body)}, not a JSON object")
+        return stats
 
     async def upload_image(self, data: bytes, filename: str) -> str:
         """Upload to the input folder without ``overwrite`` and return the ``LoadImage``
@@ -408,6 +425,12 @@ class ComfyClient:
             endpoint=name,
         ) from exc
 
+    def _not_comfyui(self, what: str) -> NoReturn:
+        raise NotComfyUI(
+            f"{self.endpoint.name} does not answer as ComfyUI ({what}); check the port and path",
+            endpoint=self.endpoint.name,
+        )
+
     def _violation(self, path: str, what: str, cause: BaseException | None = None) -> NoReturn:
         raise ServerError(
             f"{self.endpoint.name}: unexpected answer from {_route(path)}: {what}",
@@ -443,6 +466,15 @@ def _route(path: str) -> str:
         if path.startswith(prefix):
             return prefix + "…"
     return path
+
+
+def _described(body: bytes) -> str:
+    """A body in a few words: another server's web page is not worth quoting."""
+    if not body.strip():
+        return "an empty body"
+    if body.lstrip()[:1] == b"<":
+        return "a web page"
+    return repr(_quote(body))
 
 
 def _quote(body: bytes) -> str:

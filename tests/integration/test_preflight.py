@@ -8,11 +8,14 @@ import copy
 import logging
 import socket
 import sqlite3
-from contextlib import AsyncExitStack
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
 
 from batch_runner.config import EndpointSettings
 from batch_runner.emulator import Emulator, EmulatorConfig
@@ -175,6 +178,39 @@ async def test_run_refuses_when_every_endpoint_is_unreachable(tmp_path: Path) ->
     with pytest.raises(PreflightFailed) as refused:
         await run_batch(settings, template_for(settings), asyncio.Event())
     assert str(refused.value).count("unreachable") == 2
+    assert "check the URLs and that ComfyUI is running there" in str(refused.value)
+
+
+@asynccontextmanager
+async def some_other_web_server() -> AsyncIterator[str]:
+    """An HTTP server that is not ComfyUI: every path is its web page."""
+
+    async def page(request: web.Request) -> web.Response:
+        return web.Response(text="<!doctype html><title>Grafana</title>", content_type="text/html")
+
+    app = web.Application()
+    app.router.add_get("/{tail:.*}", page)
+    async with TestServer(app, host="127.0.0.1") as server:
+        yield str(server.make_url("")).rstrip("/")
+
+
+async def test_a_url_that_is_not_comfyui_is_left_out_and_said_so(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    manifest = batch(tmp_path, 2)
+    async with some_other_web_server() as other, Emulator(fast()) as good:
+        settings = settings_for(manifest, [other, good.url])
+        summary = await run_batch(settings, template_for(settings), asyncio.Event())
+        assert summary.counts[JobState.SUCCEEDED] == 2 and len(good.executions) == 2
+        assert any(
+            other in r.message and "left out" in r.message and "not ComfyUI" in r.message
+            for r in caplog.records
+        )
+        # Alone, it stops the run before anything is sent, saying what to check.
+        settings = settings_for(manifest, [other])
+        with pytest.raises(PreflightFailed) as refused:
+            await run_batch(settings, template_for(settings), asyncio.Event())
+    assert f"{other}: not ComfyUI" in str(refused.value)
     assert "check the URLs and that ComfyUI is running there" in str(refused.value)
 
 

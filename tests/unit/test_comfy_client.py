@@ -29,6 +29,7 @@ from batch_runner.comfy.client import IMAGE_TYPES
 from batch_runner.comfy.config import DEFAULT_LIMITS
 from batch_runner.errors import (
     EndpointUnavailable,
+    NotComfyUI,
     OutputRejected,
     PromptLost,
     ServerError,
@@ -387,6 +388,29 @@ async def test_queue_admin_and_info_endpoints(serve: Any) -> None:
     assert stats["system"]["comfyui_version"] == "0.3.64"
     bodies = [json.loads(body) for method, _, _, body in recorder.requests if method == "POST"]
     assert bodies == [{"delete": ["a", "b"]}, {"prompt_id": "a"}]
+
+
+@pytest.mark.parametrize(
+    ("reply", "expected"),
+    [
+        (answer(status=404, text="<!DOCTYPE HTML><title>Error response</title>"), NotComfyUI),
+        (answer(status=405, text="Method Not Allowed"), NotComfyUI),
+        (answer(text="<!doctype html><div id=app></div>"), NotComfyUI),  # a web app's page
+        (answer(["not", "an", "object"]), NotComfyUI),
+        (answer(status=502, text="Bad Gateway"), ServerError),  # a proxy, ComfyUI down
+        (answer(status=503, text=""), ServerError),
+        (answer(status=429, text="slow down"), ServerError),
+    ],
+)
+async def test_a_health_probe_tells_another_server_from_a_failing_one(
+    serve: Any, reply: Handler, expected: type[Exception]
+) -> None:
+    client, _ = await serve({("GET", "/system_stats"): reply})
+    with pytest.raises(expected) as raised:
+        await client.system_stats()
+    assert type(raised.value) is expected
+    if expected is NotComfyUI:
+        assert "does not answer as ComfyUI" in str(raised.value)
 
 
 # ------------------------------------------------------------------------- hostile servers

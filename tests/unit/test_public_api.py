@@ -31,6 +31,7 @@ def test_error_tree_is_pinned() -> None:
         "SchemaError": "StoreError",
         "EndpointError": "BatchRunnerError",
         "AccessDenied": "EndpointError",
+        "NotComfyUI": "EndpointError",
         "TransientError": "EndpointError",
         "EndpointUnavailable": "TransientError",
         "ServerError": "TransientError",
