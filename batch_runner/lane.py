@@ -164,15 +164,6 @@ class Lane:
         self.down_since = clock.monotonic()
         self._probe = asyncio.ensure_future(self._probe_until_up())
 
-    async def check(self) -> bool:
-        """One health probe at start-up; an endpoint that does not answer is marked down."""
-        try:
-            await self.client.system_stats()
-        except EndpointError as exc:
-            self.mark_down(exc)
-            return False
-        return True
-
     async def _probe_until_up(self) -> None:
         delay = 0.5
         while True:

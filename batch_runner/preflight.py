@@ -9,6 +9,7 @@ Only read-only GETs are sent (``/system_stats``, ``/object_info/{class}``,
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
@@ -17,7 +18,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from batch_runner import crashpoints
 from batch_runner.comfy.client import ComfyClient
-from batch_runner.comfy.config import Endpoint
+from batch_runner.comfy.config import DEFAULT_LIMITS, Endpoint
 from batch_runner.config import EndpointSettings
 from batch_runner.errors import (
     AccessDenied,
@@ -54,6 +55,12 @@ MODEL_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".gguf", ".sft
 
 #: Tries per question before an endpoint counts as unreachable or broken.
 RETRIES = 4
+#: The preflight's questions are small JSON GETs that ComfyUI answers at once, even while a
+#: prompt runs. A server that holds them longer is hung; the run should not wait the full
+#: request timeout (a minute) on it before starting on the others. It is kept as one that
+#: does not answer yet, and joins when it does.
+PREFLIGHT_LIMITS = dataclasses.replace(DEFAULT_LIMITS, request_timeout=10.0)
+
 #: Questions in flight per endpoint. A few at a time reuse their connections; one connection
 #: per question cost the runner about twice the CPU (a new TCP connection each), at start-up
 #: where every millisecond delays the first prompts.
@@ -178,7 +185,7 @@ def _options(schema: Mapping[str, Any], input_name: str) -> list[str] | None:
 async def check_endpoint(settings: EndpointSettings, needs: Requirements) -> EndpointCheck:
     """Ask one endpoint everything :func:`requirements` lists."""
     endpoint = Endpoint(url=settings.url, token=settings.token, name=settings.name)
-    async with ComfyClient(endpoint) as client:
+    async with ComfyClient(endpoint, limits=PREFLIGHT_LIMITS) as client:
         try:
             await _patiently(client.system_stats)
         except EndpointUnavailable as exc:

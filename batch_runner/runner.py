@@ -15,6 +15,7 @@ from typing import Any
 from batch_runner.config import RunSettings
 from batch_runner.errors import (
     ConfigError,
+    EndpointUnavailable,
     ManifestProblem,
 )
 from batch_runner.fleet import FleetMember, default_name, run_alongside
@@ -240,12 +241,11 @@ async def run_batch(
                 names = recorded[lane.record.id]
                 if names is not None:
                     lane.knows_uploads(names)
-        # The preflight has just heard from those that answered; ask only the others again.
-        silent = [lane for lane, (_, seen) in zip(lanes, usable, strict=True) if not seen.reachable]
-        answers = await asyncio.gather(*(lane.check() for lane in silent))
-        for lane, ok in zip(silent, answers, strict=True):
-            if not ok:
-                log.warning("%s does not answer; it joins when it does", lane.settings.url)
+        # One the preflight could not reach starts down: its lane probes it in the background
+        # and it joins when it answers, so a hung server holds up no other endpoint's work.
+        for lane, (_, seen) in zip(lanes, usable, strict=True):
+            if not seen.reachable:
+                lane.mark_down(EndpointUnavailable(seen.error or "no answer", endpoint=lane.name))
         flow = JobFlow(store, settings, Planner(template), stopping)
         scheduler = Scheduler(
             store, run.id, lanes, flow, stopping, settings.timeouts.grace, runner_id=runner_id

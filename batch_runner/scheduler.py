@@ -185,9 +185,12 @@ class Scheduler:
         # One queue per endpoint, shared by its slots and filled while they run (takeover).
         adopted = self._adopted.setdefault(lane.record.id, deque())
         # Messages of a prompt can arrive within milliseconds of submitting it: give the
-        # socket a moment to open first (reconciliation covers what it still misses).
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(lane.ws_ready.wait(), WS_READY_WAIT_S)
+        # socket a moment to open first (reconciliation covers what it still misses). Not
+        # for an endpoint that is down: it gets no work until it answers, and its slots
+        # would only hold up the first round and the end of a short run.
+        if lane.healthy:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(lane.ws_ready.wait(), WS_READY_WAIT_S)
         if not first:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._first_round_over.wait(), FIRST_ROUND_WAIT_S)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import dataclasses
 import logging
 import socket
 import sqlite3
@@ -212,6 +213,61 @@ async def test_a_url_that_is_not_comfyui_is_left_out_and_said_so(
             await run_batch(settings, template_for(settings), asyncio.Event())
     assert f"{other}: not ComfyUI" in str(refused.value)
     assert "check the URLs and that ComfyUI is running there" in str(refused.value)
+
+
+@asynccontextmanager
+async def hung_server() -> AsyncIterator[str]:
+    """Accepts connections and reads requests, but never answers (a hung ComfyUI)."""
+    held: list[asyncio.StreamWriter] = []
+
+    async def hold(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)
+
+    server = await asyncio.start_server(hold, "127.0.0.1", 0)
+    try:
+        yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    finally:
+        for writer in held:
+            writer.close()
+        server.close()
+        await server.wait_closed()
+
+
+async def test_a_hung_server_does_not_hold_the_start_for_the_full_request_timeout(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from batch_runner import preflight
+
+    short = dataclasses.replace(preflight.PREFLIGHT_LIMITS, request_timeout=0.5)
+    monkeypatch.setattr(preflight, "PREFLIGHT_LIMITS", short)
+    async with hung_server() as hung, Emulator(fast()) as good:
+        endpoints = [EndpointSettings(hung), EndpointSettings(good.url)]
+        # The bound is far below the one-minute request timeout a run's requests have.
+        stuck, ready = await asyncio.wait_for(
+            check_endpoints(endpoints, wan22_template()), timeout=30
+        )
+    assert ready.ready
+    assert not stuck.reachable and "timed out on /system_stats" in stuck.verdict()
+
+
+async def test_a_run_works_on_while_a_hung_endpoint_is_probed_in_the_background(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from batch_runner import preflight, scheduler
+
+    short = dataclasses.replace(preflight.PREFLIGHT_LIMITS, request_timeout=0.5)
+    monkeypatch.setattr(preflight, "PREFLIGHT_LIMITS", short)
+    # A slot waiting for the hung endpoint's websocket would hold the end of the run.
+    monkeypatch.setattr(scheduler, "WS_READY_WAIT_S", 120.0)
+    manifest = batch(tmp_path, 3)
+    async with hung_server() as hung, Emulator(fast()) as good:
+        settings = settings_for(manifest, [hung, good.url])
+        # Far below the one-minute request timeout of the hung endpoint's own lane, and the
+        # wait for its socket.
+        summary = await asyncio.wait_for(
+            run_batch(settings, template_for(settings), asyncio.Event()), timeout=30
+        )
+    assert summary.exit_code == 0 and len(good.executions) == 3
 
 
 async def test_questions_to_one_endpoint_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
