@@ -29,6 +29,13 @@ from batch_runner.tracking import PromptTracker, PromptWatch
 log = logging.getLogger(__name__)
 
 PROBE_MAX_DELAY_S = 30.0
+#: Calls in a row that end in server errors (each after its own retries) before the endpoint
+#: gets no new work for a while: a server or proxy answering 5xx to everything would
+#: otherwise use up every job's attempts within seconds.
+SERVER_ERRORS_TO_REST = 3
+#: How long it then rests before it is probed; doubled for each rest in a row, up to the max.
+SERVER_ERROR_REST_S = 15.0
+SERVER_ERROR_REST_MAX_S = 300.0
 
 T = TypeVar("T")
 
@@ -72,6 +79,9 @@ class Lane:
         #: set once the endpoint accepted a prompt of this run
         self.accepted_one = asyncio.Event()
         self._probe: asyncio.Task[None] | None = None
+        #: calls in a row that ended in server errors, and rests in a row they caused
+        self._server_errors = 0
+        self._rests = 0
         self._listening = False
         self._upload_locks: dict[str, asyncio.Lock] = {}
         self._uploaded: OrderedDict[str, str] = OrderedDict()
@@ -154,18 +164,38 @@ class Lane:
 
     # ---------------------------------------------------------------- health
 
-    def mark_down(self, error: BaseException) -> None:
-        """Stop sending new work here and probe until the endpoint answers again."""
+    def mark_down(self, error: BaseException, *, rest: float = 0.0) -> None:
+        """Stop sending new work here and probe until the endpoint answers again, the first
+        time after ``rest`` seconds."""
         self.last_error = str(error)
         if not self.up.is_set():
             return
-        log.warning("%s: unreachable (%s); probing with backoff", self.name, error)
+        if rest:
+            log.warning(
+                "%s: %d calls in a row ended in server errors (the last: %s); no new work for "
+                "%.0f s, then probing",
+                self.name,
+                SERVER_ERRORS_TO_REST,
+                error,
+                rest,
+            )
+        else:
+            log.warning("%s: unreachable (%s); probing with backoff", self.name, error)
         self.up.clear()
         self.down_since = clock.monotonic()
-        self._probe = asyncio.ensure_future(self._probe_until_up())
+        self._probe = asyncio.ensure_future(self._probe_until_up(max(0.5, rest)))
 
-    async def _probe_until_up(self) -> None:
-        delay = 0.5
+    def _server_error(self, error: ServerError) -> None:
+        """A call ended in a server error; rest the endpoint after several in a row."""
+        self._server_errors += 1
+        if self._server_errors < SERVER_ERRORS_TO_REST:
+            return
+        self._server_errors = 0
+        rest = min(SERVER_ERROR_REST_MAX_S, SERVER_ERROR_REST_S * 2**self._rests)
+        self._rests += 1
+        self.mark_down(error, rest=rest)
+
+    async def _probe_until_up(self, delay: float) -> None:
         while True:
             await asyncio.sleep(delay * random.uniform(0.8, 1.2))
             try:
@@ -196,16 +226,20 @@ class Lane:
                     raise EndpointUnavailable(f"{self.name} is down", endpoint=self.name)
                 await self._wait_up()
             try:
-                return await action()
+                answer = await action()
             except EndpointUnavailable as exc:
                 self.mark_down(exc)
                 if not wait:
                     raise
-            except ServerError:
+            except ServerError as exc:
                 failures += 1
                 if failures >= tries:
+                    self._server_error(exc)
                     raise
                 await asyncio.sleep(0.2 * 2**failures * random.uniform(0.5, 1.5))
+            else:
+                self._server_errors = self._rests = 0
+                return answer
 
     async def _wait_up(self) -> None:
         since = self.down_since or clock.monotonic()

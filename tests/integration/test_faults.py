@@ -212,3 +212,43 @@ def job_states(db: Path) -> list[str]:
             return [r[0] for r in conn.execute("SELECT state FROM jobs")]
     except sqlite3.OperationalError:
         return []
+
+
+async def test_an_endpoint_answering_only_server_errors_rests_instead_of_failing_every_job(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A server (or a proxy before a ComfyUI that is down) answering 5xx to everything gets
+    no new work for a while after a few failed calls in a row, so the jobs keep their
+    attempts for when it recovers instead of failing within seconds."""
+    from batch_runner import scheduler
+    from batch_runner.lane import SERVER_ERRORS_TO_REST, Lane
+
+    # Its websocket is refused too; the slots need not give it the usual moment to open.
+    monkeypatch.setattr(scheduler, "WS_READY_WAIT_S", 0.1)
+    rested = asyncio.Event()
+    mark_down = Lane.mark_down
+
+    def noting(lane: Lane, error: BaseException, *, rest: float = 0.0) -> None:
+        mark_down(lane, error, rest=rest)
+        if rest:
+            rested.set()
+
+    monkeypatch.setattr(Lane, "mark_down", noting)
+    manifest = batch(tmp_path, 8)
+    async with Emulator(config(http_5xx_rate=1.0)) as broken:
+        settings = settings_for(manifest, [broken.url], max_attempts=3)
+        stopping = asyncio.Event()
+        running = asyncio.create_task(run_batch(settings, template_for(settings), stopping))
+        resting = asyncio.create_task(rested.wait())
+        await asyncio.wait([running, resting], return_when=asyncio.FIRST_COMPLETED)
+        stopping.set()
+        summary = await running
+        resting.cancel()
+    assert rested.is_set(), "the endpoint was never rested"
+    assert summary.counts.get(JobState.FAILED, 0) == 0
+    waiting = summary.counts.get(JobState.PENDING, 0) + summary.counts.get(JobState.RETRY_WAIT, 0)
+    assert waiting == 8
+    with sqlite3.connect(settings.db) as conn:
+        (used,) = conn.execute("SELECT sum(attempts) FROM jobs").fetchone()
+    # The calls that made it rest, and at most one more per slot busy at that moment.
+    assert used <= SERVER_ERRORS_TO_REST + 1
