@@ -364,6 +364,7 @@ class JobFlow:
                         outputs.verify_video, incoming, prepared.expected_frames
                     )
                 await asyncio.to_thread(_promote, incoming, final)
+                lane.download_succeeded()
                 return got
             except outputs.DiskFull as exc:
                 # The video is safe on the server: leave the job fetching for the next run to
@@ -372,6 +373,7 @@ class JobFlow:
                 return None
             except DownloadIncomplete as exc:
                 if try_number == DOWNLOAD_TRIES:
+                    lane.download_failed(exc)
                     await self._attempt_error(job, attempt, lane, exc)
                     return None
                 log.info("%s: %s; downloading again", lane.name, exc)

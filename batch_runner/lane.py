@@ -31,7 +31,9 @@ log = logging.getLogger(__name__)
 PROBE_MAX_DELAY_S = 30.0
 #: Calls in a row that end in server errors (each after its own retries) before the endpoint
 #: gets no new work for a while: a server or proxy answering 5xx to everything would
-#: otherwise use up every job's attempts within seconds.
+#: otherwise use up every job's attempts within seconds. The same for jobs in a row whose
+#: video could not be downloaded (each after its own tries): each such job ran on the GPU
+#: for nothing, and is run again.
 SERVER_ERRORS_TO_REST = 3
 #: How long it then rests before it is probed; doubled for each rest in a row, up to the max.
 SERVER_ERROR_REST_S = 15.0
@@ -79,8 +81,10 @@ class Lane:
         #: set once the endpoint accepted a prompt of this run
         self.accepted_one = asyncio.Event()
         self._probe: asyncio.Task[None] | None = None
-        #: calls in a row that ended in server errors, and rests in a row they caused
+        #: calls in a row that ended in server errors, jobs in a row whose video could not be
+        #: downloaded, and rests in a row they caused
         self._server_errors = 0
+        self._failed_downloads = 0
         self._rests = 0
         self._listening = False
         self._upload_locks: dict[str, asyncio.Lock] = {}
@@ -171,14 +175,7 @@ class Lane:
         if not self.up.is_set():
             return
         if rest:
-            log.warning(
-                "%s: %d calls in a row ended in server errors (the last: %s); no new work for "
-                "%.0f s, then probing",
-                self.name,
-                SERVER_ERRORS_TO_REST,
-                error,
-                rest,
-            )
+            log.warning("%s: %s; no new work for %.0f s, then probing", self.name, error, rest)
         else:
             log.warning("%s: unreachable (%s); probing with backoff", self.name, error)
         self.up.clear()
@@ -188,12 +185,24 @@ class Lane:
     def _server_error(self, error: ServerError) -> None:
         """A call ended in a server error; rest the endpoint after several in a row."""
         self._server_errors += 1
-        if self._server_errors < SERVER_ERRORS_TO_REST:
-            return
-        self._server_errors = 0
+        if self._server_errors >= SERVER_ERRORS_TO_REST:
+            self._server_errors = 0
+            self._rest(f"{SERVER_ERRORS_TO_REST} calls in a row ended in server errors", error)
+
+    def download_failed(self, error: EndpointError) -> None:
+        """A job's video could not be downloaded; rest the endpoint after several in a row."""
+        self._failed_downloads += 1
+        if self._failed_downloads >= SERVER_ERRORS_TO_REST:
+            self._failed_downloads = 0
+            self._rest(f"the videos of {SERVER_ERRORS_TO_REST} jobs in a row broke off", error)
+
+    def download_succeeded(self) -> None:
+        self._failed_downloads = self._rests = 0
+
+    def _rest(self, why: str, error: EndpointError) -> None:
         rest = min(SERVER_ERROR_REST_MAX_S, SERVER_ERROR_REST_S * 2**self._rests)
         self._rests += 1
-        self.mark_down(error, rest=rest)
+        self.mark_down(EndpointError(f"{why} (the last: {error})"), rest=rest)
 
     async def _probe_until_up(self, delay: float) -> None:
         while True:

@@ -214,36 +214,50 @@ def job_states(db: Path) -> list[str]:
         return []
 
 
-async def test_an_endpoint_answering_only_server_errors_rests_instead_of_failing_every_job(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A server (or a proxy before a ComfyUI that is down) answering 5xx to everything gets
-    no new work for a while after a few failed calls in a row, so the jobs keep their
-    attempts for when it recovers instead of failing within seconds."""
+@pytest.fixture
+def rested(monkeypatch: pytest.MonkeyPatch) -> asyncio.Event:
+    """Set when a lane is rested (given no new work for a while); slots do not wait for a
+    websocket the broken servers below refuse."""
     from batch_runner import scheduler
-    from batch_runner.lane import SERVER_ERRORS_TO_REST, Lane
+    from batch_runner.lane import Lane
 
-    # Its websocket is refused too; the slots need not give it the usual moment to open.
     monkeypatch.setattr(scheduler, "WS_READY_WAIT_S", 0.1)
-    rested = asyncio.Event()
+    event = asyncio.Event()
     mark_down = Lane.mark_down
 
     def noting(lane: Lane, error: BaseException, *, rest: float = 0.0) -> None:
         mark_down(lane, error, rest=rest)
         if rest:
-            rested.set()
+            event.set()
 
     monkeypatch.setattr(Lane, "mark_down", noting)
+    return event
+
+
+async def run_until_rested(settings: RunSettings, rested: asyncio.Event) -> RunSummary:
+    """Run until the endpoint is rested (or the run ends by itself), then stop it."""
+    stopping = asyncio.Event()
+    running = asyncio.create_task(run_batch(settings, template_for(settings), stopping))
+    resting = asyncio.create_task(rested.wait())
+    await asyncio.wait([running, resting], return_when=asyncio.FIRST_COMPLETED)
+    stopping.set()
+    resting.cancel()
+    return await running
+
+
+async def test_an_endpoint_answering_only_server_errors_rests_instead_of_failing_every_job(
+    tmp_path: Path, rested: asyncio.Event
+) -> None:
+    """A server (or a proxy before a ComfyUI that is down) answering 5xx to everything gets
+    no new work for a while after a few failed calls in a row, so the jobs keep their
+    attempts for when it recovers instead of failing within seconds."""
+    from batch_runner.lane import SERVER_ERRORS_TO_REST
+
     manifest = batch(tmp_path, 8)
     async with Emulator(config(http_5xx_rate=1.0)) as broken:
-        settings = settings_for(manifest, [broken.url], max_attempts=3)
-        stopping = asyncio.Event()
-        running = asyncio.create_task(run_batch(settings, template_for(settings), stopping))
-        resting = asyncio.create_task(rested.wait())
-        await asyncio.wait([running, resting], return_when=asyncio.FIRST_COMPLETED)
-        stopping.set()
-        summary = await running
-        resting.cancel()
+        # A prompt still on the rested server is given up after a second, not waited for.
+        settings = settings_for(manifest, [broken.url], max_attempts=3, endpoint_timeout=1.0)
+        summary = await run_until_rested(settings, rested)
     assert rested.is_set(), "the endpoint was never rested"
     assert summary.counts.get(JobState.FAILED, 0) == 0
     waiting = summary.counts.get(JobState.PENDING, 0) + summary.counts.get(JobState.RETRY_WAIT, 0)
@@ -252,3 +266,22 @@ async def test_an_endpoint_answering_only_server_errors_rests_instead_of_failing
         (used,) = conn.execute("SELECT sum(attempts) FROM jobs").fetchone()
     # The calls that made it rest, and at most one more per slot busy at that moment.
     assert used <= SERVER_ERRORS_TO_REST + 1
+
+
+async def test_an_endpoint_whose_videos_always_break_off_rests_instead_of_rerunning_every_job(
+    tmp_path: Path, rested: asyncio.Event
+) -> None:
+    """Each job whose download fails ran on the GPU for nothing and runs again; after a few
+    in a row the endpoint rests instead of running every job max_attempts times."""
+    from batch_runner.lane import SERVER_ERRORS_TO_REST
+
+    manifest = batch(tmp_path, 8)
+    async with Emulator(config(truncate_view_rate=1.0)) as broken:
+        # A prompt still on the rested server is given up after a second, not waited for.
+        settings = settings_for(manifest, [broken.url], max_attempts=3, endpoint_timeout=1.0)
+        summary = await run_until_rested(settings, rested)
+        ran = sum(broken.executions.values())
+    assert rested.is_set(), "the endpoint was never rested"
+    assert summary.counts.get(JobState.FAILED, 0) == 0
+    # The jobs that made it rest, and at most one more per slot busy at that moment.
+    assert ran <= SERVER_ERRORS_TO_REST + 1
