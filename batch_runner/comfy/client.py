@@ -146,9 +146,7 @@ class ComfyClient:
         if 400 <= status < 500 and status != 429:
             self._not_comfyui(f"/system_stats answered {status} with {_described(body)}")
         if status != 200:
-            self._violation(
-                "/system_stats", f"unexpected status {status}: {_quote(body) or 'empty body'}"
-            )
+            return self._dict(self._decode(status, body, "/system_stats"), "/system_stats")
         try:
             stats = json.loads(body)
         except (ValueError, RecursionError):

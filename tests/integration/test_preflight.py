@@ -233,13 +233,17 @@ async def hung_server() -> AsyncIterator[str]:
         await server.wait_closed()
 
 
-async def test_a_hung_server_does_not_hold_the_start_for_the_full_request_timeout(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+@pytest.fixture
+def short_preflight(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The preflight gives up on a question after half a second."""
     from batch_runner import preflight
 
     short = dataclasses.replace(preflight.PREFLIGHT_LIMITS, request_timeout=0.5)
     monkeypatch.setattr(preflight, "PREFLIGHT_LIMITS", short)
+
+
+@pytest.mark.usefixtures("short_preflight")
+async def test_a_hung_server_does_not_hold_the_start_for_the_full_request_timeout() -> None:
     async with hung_server() as hung, Emulator(fast()) as good:
         endpoints = [EndpointSettings(hung), EndpointSettings(good.url)]
         # The bound is far below the one-minute request timeout a run's requests have.
@@ -250,13 +254,12 @@ async def test_a_hung_server_does_not_hold_the_start_for_the_full_request_timeou
     assert not stuck.reachable and "timed out on /system_stats" in stuck.verdict()
 
 
+@pytest.mark.usefixtures("short_preflight")
 async def test_a_run_works_on_while_a_hung_endpoint_is_probed_in_the_background(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from batch_runner import preflight, scheduler
+    from batch_runner import scheduler
 
-    short = dataclasses.replace(preflight.PREFLIGHT_LIMITS, request_timeout=0.5)
-    monkeypatch.setattr(preflight, "PREFLIGHT_LIMITS", short)
     # A slot waiting for the hung endpoint's websocket would hold the end of the run.
     monkeypatch.setattr(scheduler, "WS_READY_WAIT_S", 120.0)
     manifest = batch(tmp_path, 3)
